@@ -1,0 +1,160 @@
+"""Build the embedded default: shift world -> base model -> benchmark data -> hypernetwork.
+
+Each step is one `dvc.yaml` stage (`retouch build world|base|benchmark|hypernet`), so `dvc repro`
+rebuilds exactly what changed and caches the rest. The steps only read and write files under
+`settings.paths.artifacts`; the science lives in core/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from core.benchmark import BenchmarkSummary, build_benchmark_data, model_probs
+from core.data import file_hash, load_images
+from core.errors import ModelError
+from core.metatrain import HYPERNET_NAME, MetatrainReport, metatrain
+from core.model import (
+    ModelCard,
+    Preprocessing,
+    build_model,
+    load_saved_model,
+    model_create_kwargs,
+    preprocess,
+    save_model,
+)
+from core.scope import build_scope
+from core.settings import Settings
+from core.train import evaluate_accuracy, train_model
+from core.world import build_plan, class_names, write_world
+from flows.versioning import version_data
+
+logger = logging.getLogger(__name__)
+
+HALF = (0.5, 0.5, 0.5)  # the embedded model's normalisation: [0, 1] -> [-1, 1]
+
+
+def world_dir(settings: Settings) -> Path:
+    """Folder of the generated world (train/val/minority/shift.parquet, world.json)."""
+    return settings.paths.artifacts / "world"
+
+
+def base_dir(settings: Settings) -> Path:
+    """Folder of the base model (model.safetensors, model_card.json)."""
+    return settings.paths.artifacts / "base"
+
+
+def hypernet_dir(settings: Settings) -> Path:
+    """Folder of the meta-training checkpoint and the final hypernet.safetensors."""
+    return settings.paths.artifacts / "hypernet"
+
+
+def hypernet_path(settings: Settings) -> Path:
+    """The meta-trained hypernetwork of the base model (written by `retouch metatrain`)."""
+    return hypernet_dir(settings) / HYPERNET_NAME
+
+
+def benchmark_dir(settings: Settings) -> Path:
+    """Folder of the benchmark data (failures, sensitive, broad, summary.json)."""
+    return settings.paths.artifacts / "benchmark"
+
+
+def build_world(settings: Settings) -> dict[str, int]:
+    """Generate the shift world's Parquet files; returns image counts per split."""
+    counts = write_world(settings.world, world_dir(settings))
+    logger.info("world: %s", counts)
+    return counts
+
+
+def build_base(settings: Settings) -> ModelCard:
+    """Train the base model on the world's train split and save it with its model card."""
+    folder = world_dir(settings)
+    train, val, minority = (
+        load_images(folder / f"{s}.parquet") for s in ("train", "val", "minority")
+    )
+    names = class_names(settings.world.n_classes)
+    model = build_model(settings.model, num_classes=len(names), seed=settings.train.seed)
+    preprocessing = Preprocessing(settings.model.img_size, HALF, HALF, "bilinear")
+    report = train_model(model, train.images, train.labels, preprocessing, settings.train)
+    metrics = {
+        "accuracy_in_distribution": evaluate_accuracy(
+            model, preprocess(val.images, preprocessing), val.labels
+        ),
+        "accuracy_minority": evaluate_accuracy(
+            model, preprocess(minority.images, preprocessing), minority.labels
+        ),
+        "train_seconds": report.seconds,
+        "train_images_per_second": report.images_per_second,
+    }
+    card = ModelCard(
+        name=settings.model.name,
+        create_kwargs=model_create_kwargs(settings.model, len(names)),
+        class_names=tuple(names),
+        preprocessing=preprocessing,
+        metrics=metrics,
+        data_hash=file_hash([folder / "train.parquet"]),
+        seed=settings.train.seed,
+    )
+    card = save_model(model, card, base_dir(settings))
+    logger.info("base model: %s", json.dumps(metrics))
+    return card
+
+
+def build_benchmark(settings: Settings) -> BenchmarkSummary:
+    """Failure groups, sensitive set and broad sample from the base model."""
+    model, card = load_saved_model(base_dir(settings))
+    summary = build_benchmark_data(
+        model_probs(model, card.preprocessing),
+        build_plan(settings.world),
+        world_dir(settings),
+        settings.benchmark_data,
+        benchmark_dir(settings),
+    )
+    logger.info("benchmark data: %s", json.dumps(asdict(summary)))
+    return summary
+
+
+def build_hypernet(settings: Settings) -> MetatrainReport:
+    """Meta-train the mask hypernetwork on clean training images of the base model."""
+    model, card = load_saved_model(base_dir(settings))
+    train = load_images(world_dir(settings) / "train.parquet")
+    return metatrain(
+        model,
+        build_scope(model, settings.scope.blocks),
+        preprocess(train.images, card.preprocessing),
+        settings.metatrain,
+        settings.hypernet,
+        hypernet_dir(settings),
+    )
+
+
+def load_summary(settings: Settings) -> dict:
+    """The saved benchmark summary and base-model card metrics, for printing."""
+    summary_path = benchmark_dir(settings) / "summary.json"
+    if not summary_path.is_file():
+        raise ModelError(
+            f"{summary_path} missing: build the default first (`dvc repro` or `retouch build all`)"
+        )
+    card = json.loads((base_dir(settings) / "model_card.json").read_text())
+    return {"base_model": card["metrics"], "benchmark": json.loads(summary_path.read_text())}
+
+
+def prepare_data(settings: Settings) -> str:
+    """Create the production data folders if new, version `data/` with DVC; return its md5."""
+    for name in ("inbox", "flagged", "quarantine"):
+        folder = settings.paths.data / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".gitkeep").touch()
+    return version_data(settings.paths.data, settings.paths.dvc_remote)
+
+
+def reproduce(stages: list[str] | None = None) -> float:
+    """Run `dvc repro` (cached stages are skipped); returns wall seconds."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro", *(stages or [])], check=True)
+    return time.perf_counter() - started
