@@ -1,0 +1,283 @@
+"""Continual editing of one night: clusters edited one after another on a running candidate.
+
+Owns the science of a night that needs no orchestration: edit one cluster on top of the running
+candidate, judge it with the cluster gate against the model as it stood before that edit, retry
+once with a fallback (more units, more steps), and undo a rejected edit bit for bit; then measure
+the figures the global gate judges the whole candidate on.
+
+Protocol (anchors.md: locality is measured against the ORIGINAL model): the candidate's locality
+is always computed against predictions of the base model and of the champion cached once per
+night (`LocalitySet`), never against an already-edited model; only the per-cluster locality is,
+by definition, against the model right before that cluster's edit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from core.edit import EditBatch, EditDelta, Editor, apply_delta, eval_mode, restore
+from core.gate import GateResult, cluster_gate, retention_key
+from core.metrics import accuracy, generalization, locality, reliability, retention
+from core.model import predict_logits, weights_hash
+from core.scope import EditScope
+from core.settings import EditSettings, GateSettings
+
+logger = logging.getLogger(__name__)
+
+# (rho, edit settings) -> the editor of one attempt; the flow binds the locator (HPRD).
+MakeEditor = Callable[[float, EditSettings], Editor]
+
+
+@dataclass(frozen=True)
+class ClusterRequest:
+    """One ready failure cluster, its images preprocessed for the model.
+
+    Attributes:
+        cluster_id: the cluster's stable id (core.clusters).
+        edit_sample_ids: ids of the edit samples, in the order of `edit_images`.
+        edit_images: (k, 3, S, S) float edit samples.
+        edit_labels: (k,) int64 true labels.
+        held_out_images: (h, 3, S, S) float held-out flags of the cluster; h may be 0.
+        held_out_labels: (h,) int64.
+    """
+
+    cluster_id: str
+    edit_sample_ids: tuple[str, ...]
+    edit_images: torch.Tensor
+    edit_labels: torch.Tensor
+    held_out_images: torch.Tensor
+    held_out_labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try at editing a cluster: its sparsity, step budget and gate decision."""
+
+    rho: float
+    max_steps: int
+    gate: GateResult
+
+
+@dataclass(frozen=True)
+class ClusterOutcome:
+    """What became of one cluster tonight.
+
+    Attributes:
+        cluster_id: the cluster.
+        attempts: every try, in order (one, or two with the fallback).
+        delta: the accepted delta (now in the candidate), or None when rejected.
+        parent_hash: weights hash of the model the delta was computed on.
+        reliability_before: share of the edit samples that model already got right.
+        edit_settings: the edit settings of the accepted (or last) attempt, JSON-ready.
+    """
+
+    cluster_id: str
+    attempts: tuple[Attempt, ...]
+    delta: EditDelta | None
+    parent_hash: str
+    reliability_before: float
+    edit_settings: dict
+
+    @property
+    def accepted(self) -> bool:
+        """Whether the edit joined the candidate."""
+        return self.delta is not None
+
+    @property
+    def gate(self) -> GateResult:
+        """The decision of the last attempt (the accepted one, or the final rejection)."""
+        return self.attempts[-1].gate
+
+
+@dataclass(frozen=True)
+class LocalitySet:
+    """A frozen clean image set with the reference predictions cached before the night's edits.
+
+    Attributes:
+        images: (N, 3, S, S) float, preprocessed.
+        base_predictions: (N,) classes the original base model predicts.
+        champion_predictions: (N,) classes the night's champion (the candidate's parent) predicts.
+    """
+
+    images: torch.Tensor
+    base_predictions: torch.Tensor
+    champion_predictions: torch.Tensor
+
+
+@torch.no_grad()
+def predicted_classes(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N,) argmax classes of `model` (in eval mode) on preprocessed images (N, 3, S, S)."""
+    with eval_mode(model):
+        return predict_logits(model, images, batch_size).argmax(dim=1)
+
+
+def fallback_tries(
+    settings: EditSettings, rho: float, fallback_rho: float, fallback_max_steps: int
+) -> list[tuple[float, EditSettings]]:
+    """The primary try and the fallback (lower rho = more units, more steps), as (rho, settings)."""
+    fallback = settings.model_copy(update={"max_steps": fallback_max_steps})
+    return [(rho, settings), (fallback_rho, fallback)]
+
+
+def cluster_figures(
+    model: nn.Module,
+    request: ClusterRequest,
+    locality_images: torch.Tensor,
+    before_predictions: torch.Tensor,
+    batch_size: int,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """Cluster-gate figures of `model` (already edited) and its predictions on `locality_images`.
+
+    Returns:
+        The figures (`reliability`, `generalization` when held-out flags exist, `locality`,
+        `n_locality`) and the (N,) predictions on the locality images: the next cluster's
+        "before".
+    """
+    edit_predictions = predicted_classes(model, request.edit_images, batch_size)  # (k,)
+    after = predicted_classes(model, locality_images, batch_size)  # (N,)
+    figures = {
+        "reliability": reliability(edit_predictions, request.edit_labels),
+        "locality": locality(after, before_predictions),
+        "n_locality": float(after.numel()),
+    }
+    if request.held_out_labels.numel():
+        held_out_predictions = predicted_classes(model, request.held_out_images, batch_size)
+        figures["generalization"] = generalization(
+            held_out_predictions, request.held_out_labels, torch.zeros(0, dtype=torch.long)
+        )
+    return figures, after
+
+
+def edit_cluster(
+    model: nn.Module,
+    request: ClusterRequest,
+    make_editor: MakeEditor,
+    tries: Sequence[tuple[float, EditSettings]],
+    locality_images: torch.Tensor,
+    before_predictions: torch.Tensor,
+    gate: GateSettings,
+    seed: int,
+    batch_size: int,
+) -> tuple[ClusterOutcome, torch.Tensor]:
+    """Edit one cluster on top of `model` (in place), keeping the edit only if its gate passes.
+
+    Each try edits, applies the delta, and judges it with `cluster_gate`: every edit sample
+    right, locality on `locality_images` against `before_predictions` (the model before this
+    cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
+    rejected cluster leaves no trace in `model`.
+
+    Returns:
+        The outcome and the (N,) locality-set predictions of `model` after the call.
+    """
+    parent_hash = weights_hash(model)
+    reliability_before = reliability(
+        predicted_classes(model, request.edit_images, batch_size), request.edit_labels
+    )
+    batch = EditBatch(request.edit_images, request.edit_labels)
+    attempts: list[Attempt] = []
+    for rho, settings in tries:
+        delta = make_editor(rho, settings).edit(model, batch, seed=seed)
+        undo = apply_delta(model, delta)
+        figures, after = cluster_figures(
+            model, request, locality_images, before_predictions, batch_size
+        )
+        result = cluster_gate(figures, gate)
+        attempts.append(Attempt(rho, settings.max_steps, result))
+        settings_json = settings.model_dump(mode="json") | {"rho": rho}
+        if result.passed:
+            logger.info("cluster %s accepted (rho %g)", request.cluster_id, rho)
+            outcome = ClusterOutcome(
+                request.cluster_id,
+                tuple(attempts),
+                delta,
+                parent_hash,
+                reliability_before,
+                settings_json,
+            )
+            return outcome, after
+        restore(model, undo)
+        logger.info(
+            "cluster %s try at rho %g rejected: %s", request.cluster_id, rho, result.reasons
+        )
+    outcome = ClusterOutcome(
+        request.cluster_id, tuple(attempts), None, parent_hash, reliability_before, settings_json
+    )
+    return outcome, before_predictions
+
+
+def edit_clusters(
+    model: nn.Module,
+    requests: Sequence[ClusterRequest],
+    make_editor: MakeEditor,
+    tries: Sequence[tuple[float, EditSettings]],
+    locality_images: torch.Tensor,
+    gate: GateSettings,
+    seed: int,
+    batch_size: int,
+) -> list[ClusterOutcome]:
+    """Edit every cluster in id order on the running candidate `model` (changed in place).
+
+    The order is deterministic (sorted cluster ids), so the same night on the same champion
+    gives the same deltas and the same candidate bits.
+    """
+    before = predicted_classes(model, locality_images, batch_size)  # (N,)
+    outcomes = []
+    for request in sorted(requests, key=lambda r: r.cluster_id):
+        outcome, before = edit_cluster(
+            model, request, make_editor, tries, locality_images, before, gate, seed, batch_size
+        )
+        outcomes.append(outcome)
+    return outcomes
+
+
+def unit_mask(scope: EditScope, delta: EditDelta) -> torch.Tensor:
+    """(n_mask_entries,) bool: the scope's hidden units the delta changes (its binary mask)."""
+    masks = [torch.zeros(width, dtype=torch.bool) for width in scope.mask_widths]
+    for mask, name in zip(masks, scope.param_names, strict=True):
+        change = delta.params.get(name)
+        if change is not None and change.units is not None:
+            mask[change.units] = True
+        elif change is not None:
+            mask[:] = True
+    return torch.cat(masks)
+
+
+def candidate_figures(
+    candidate: nn.Module,
+    broad: LocalitySet,
+    sensitive: LocalitySet,
+    validation: tuple[torch.Tensor, torch.Tensor],
+    accuracy_base: float,
+    retention_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int,
+) -> dict[str, float]:
+    """The global gate's figures of a candidate (names as in core/gate.py).
+
+    Args:
+        candidate: the candidate model.
+        broad: the broad clean sample with cached base / champion predictions.
+        sensitive: the sensitive set with cached base / champion predictions.
+        validation: clean validation images (N, 3, S, S) float and labels (N,).
+        accuracy_base: the base model's accuracy on `validation`.
+        retention_sets: ledger id -> (its edit samples (k, 3, S, S), their labels (k,)).
+        batch_size: inference batch size.
+    """
+    figures: dict[str, float] = {"accuracy_base": accuracy_base}
+    for name, reference in (("broad", broad), ("sensitive", sensitive)):
+        predictions = predicted_classes(candidate, reference.images, batch_size)  # (N,)
+        figures[f"{name}_locality_vs_base"] = locality(predictions, reference.base_predictions)
+        figures[f"{name}_locality_vs_champion"] = locality(
+            predictions, reference.champion_predictions
+        )
+        figures[f"n_{name}"] = float(predictions.numel())
+    images, labels = validation
+    figures["accuracy"] = accuracy(predicted_classes(candidate, images, batch_size), labels)
+    for edit_id, (images, labels) in retention_sets.items():
+        predictions = predicted_classes(candidate, images, batch_size)
+        figures[retention_key(edit_id)] = retention(predictions, labels)
+    return figures

@@ -1,0 +1,100 @@
+"""Continual editing of a night on a micro model: accept, fall back, reject without a trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.baselines import SaliencyLocator
+from core.continual import (
+    ClusterRequest,
+    LocalitySet,
+    candidate_figures,
+    edit_clusters,
+    fallback_tries,
+    predicted_classes,
+    unit_mask,
+)
+from core.edit import MaskedEditor
+from core.gate import retention_key
+from core.model import build_model, weights_hash
+from core.scope import build_scope
+
+
+@pytest.fixture
+def setup(micro_settings):
+    """A random micro ViT, its scope, two requests (3 edit samples each) and clean images."""
+    torch.manual_seed(0)
+    model = build_model(micro_settings.model, 4, seed=0).eval()
+    scope = build_scope(model, micro_settings.scope.blocks)
+    images = torch.randn(8, 3, 16, 16)
+    wrong = (predicted_classes(model, images, 8) + 1) % 4  # labels the model gets wrong
+    requests = [
+        ClusterRequest(
+            f"c0{i}",
+            ("a", "b", "c"),
+            images[4 * i : 4 * i + 3],
+            wrong[4 * i : 4 * i + 3],
+            images[4 * i + 3 : 4 * i + 4],
+            wrong[4 * i + 3 : 4 * i + 4],
+        )
+        for i in (1, 0)
+    ]
+    return model, scope, requests, torch.randn(16, 3, 16, 16)
+
+
+def saliency(scope):
+    return lambda rho, settings: MaskedEditor("saliency", scope, SaliencyLocator(), rho, settings)
+
+
+def test_open_gate_accepts_in_id_order(setup, micro_settings):
+    # Given an open cluster gate
+    model, scope, requests, clean = setup
+    gate = micro_settings.gate.model_copy(
+        update={"cluster_min_locality": 0.0, "locality_confidence": None}
+    )
+    settings = micro_settings.edit.model_copy(update={"lr": 0.01})
+    tries = fallback_tries(settings, 0.9, 0.5, 200)
+
+    # When editing both clusters
+    outcomes = edit_clusters(model, requests, saliency(scope), tries, clean, gate, 0, 8)
+
+    # Then they are edited in id order, both accepted, and their edit samples are now right
+    assert [o.cluster_id for o in outcomes] == ["c00", "c01"]
+    assert all(o.accepted for o in outcomes)
+    assert outcomes[1].parent_hash != outcomes[0].parent_hash  # edited on top of the first
+    for request in requests:
+        assert (predicted_classes(model, request.edit_images, 8) == request.edit_labels).all()
+    assert int(unit_mask(scope, outcomes[0].delta).sum()) == outcomes[0].delta.meta["n_units"]
+
+
+def test_rejected_cluster_leaves_no_trace_after_fallback(setup, micro_settings):
+    # Given a gate no edit can pass (locality 1 on a Wilson bound needs more images)
+    model, scope, requests, clean = setup
+    before = weights_hash(model)
+    tries = fallback_tries(micro_settings.edit, 0.9, 0.5, 3)
+
+    # When editing
+    outcomes = edit_clusters(
+        model, requests, saliency(scope), tries, clean, micro_settings.gate, 0, 8
+    )
+
+    # Then each cluster was tried twice (the fallback with more units and steps), rejected with
+    # a reason, and the model is bit-identical to before
+    for outcome in outcomes:
+        assert not outcome.accepted
+        assert [(a.rho, a.max_steps) for a in outcome.attempts] == [(0.9, 100), (0.5, 3)]
+        assert outcome.gate.reasons
+    assert weights_hash(model) == before
+
+
+def test_candidate_figures_name_every_gate_input(setup, micro_settings):
+    model, _, requests, clean = setup
+    predictions = predicted_classes(model, clean, 8)
+    reference = LocalitySet(clean, predictions, predictions)
+    labels = torch.zeros(16, dtype=torch.int64)
+    retained = {"e1": (requests[0].edit_images, requests[0].edit_labels)}
+    figures = candidate_figures(model, reference, reference, (clean, labels), 0.5, retained, 8)
+    assert figures["broad_locality_vs_base"] == figures["sensitive_locality_vs_champion"] == 1.0
+    assert figures["n_broad"] == 16
+    assert figures[retention_key("e1")] == 0.0  # the unedited model gets them wrong
