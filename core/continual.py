@@ -163,13 +163,16 @@ def edit_cluster(
     gate: GateSettings,
     seed: int,
     batch_size: int,
+    replay_images: torch.Tensor | None = None,
 ) -> tuple[ClusterOutcome, torch.Tensor]:
     """Edit one cluster on top of `model` (in place), keeping the edit only if its gate passes.
 
     Each try edits, applies the delta, and judges it with `cluster_gate`: every edit sample
     right, locality on `locality_images` against `before_predictions` (the model before this
     cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
-    rejected cluster leaves no trace in `model`.
+    rejected cluster leaves no trace in `model`. With `replay_images` (clean images the gates do
+    not measure on) and a try whose `locality_weight` is positive, the edit also keeps the
+    current model's predictions on them (extension (a)).
 
     Returns:
         The outcome and the (N,) locality-set predictions of `model` after the call.
@@ -178,9 +181,14 @@ def edit_cluster(
     reliability_before = reliability(
         predicted_classes(model, request.edit_images, batch_size), request.edit_labels
     )
-    batch = EditBatch(request.edit_images, request.edit_labels)
+    plain = EditBatch(request.edit_images, request.edit_labels)
+    replayed = plain
+    if replay_images is not None and len(replay_images):
+        probs = predict_logits(model, replay_images, batch_size).softmax(dim=1)  # (R, C)
+        replayed = EditBatch(request.edit_images, request.edit_labels, replay_images, probs)
     attempts: list[Attempt] = []
     for rho, settings in tries:
+        batch = replayed if settings.locality_weight > 0 else plain
         delta = make_editor(rho, settings).edit(model, batch, seed=seed)
         undo = apply_delta(model, delta)
         figures, after = cluster_figures(
@@ -219,6 +227,7 @@ def edit_clusters(
     gate: GateSettings,
     seed: int,
     batch_size: int,
+    replay_images: torch.Tensor | None = None,
 ) -> list[ClusterOutcome]:
     """Edit every cluster in id order on the running candidate `model` (changed in place).
 
@@ -229,7 +238,16 @@ def edit_clusters(
     outcomes = []
     for request in sorted(requests, key=lambda r: r.cluster_id):
         outcome, before = edit_cluster(
-            model, request, make_editor, tries, locality_images, before, gate, seed, batch_size
+            model,
+            request,
+            make_editor,
+            tries,
+            locality_images,
+            before,
+            gate,
+            seed,
+            batch_size,
+            replay_images,
         )
         outcomes.append(outcome)
     return outcomes

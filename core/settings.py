@@ -273,6 +273,8 @@ class NightlySettings(Section):
     lock_timeout_s: float = Field(0.0, ge=0)
     lock_poll_s: float = Field(1.0, gt=0)  # how often a waiting run retries the lock
     inference_batch_size: int = Field(256, ge=1)  # reference predictions, gates, retention
+    # Training images scored to pick the locality term's replay batch (lowest margins first).
+    replay_pool: int = Field(5_000, ge=1)
 
 
 class Settings(Section):

@@ -6,7 +6,7 @@ backgrounds, outline / painted / stage-lit styles). Shift groups go live in a se
 `n_shift_groups_first_day` on day one and `new_shift_groups_per_day` more each later day (new
 failure causes appear), and each day's mix over the live groups is a fresh Dirichlet draw (the mix
 drifts). The served model classifies the stream; every misclassified image becomes a flag row
-(docs/flags.md) with the true label a reviewer would give, written to
+(README: Flags) with the true label a reviewer would give, written to
 `inbox/date=YYYY-MM-DD/flags.parquet`. The extra column `world_group` keeps the generating group:
 the ground truth for clustering quality.
 

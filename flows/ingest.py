@@ -2,7 +2,7 @@
 -> a new DVC data version.
 
 Layout under `paths.data` (all of it versioned by DVC as one folder):
-- `inbox/date=YYYY-MM-DD/*.parquet`: flag partitions as delivered (docs/flags.md); never moved.
+- `inbox/date=YYYY-MM-DD/*.parquet`: flag partitions as delivered (README: Flags); never moved.
 - `flagged/<partition>`: accepted rows, plus `content_id`, `true_index`, `predicted_index`.
 - `quarantine/<partition>`: failing rows with `reasons`; `quarantine/rejected.jsonl`: partitions
   rejected whole (not Parquet, schema), whose files stay in the inbox.

@@ -56,6 +56,7 @@ from core.gate import GateResult, global_gate
 from core.hypernet import HypernetLocator, load_hypernet
 from core.ledger import EditRecord, Ledger
 from core.model import ModelCard, load_saved_model, preprocess, save_model, weights_hash
+from core.replay import build_replay_batch
 from core.scope import build_scope
 from core.settings import Settings, load_settings
 from flows.bootstrap import base_dir, benchmark_dir, hypernet_path, world_dir
@@ -232,6 +233,16 @@ def run_edit_stage(
     requests = cluster_requests(night_table, flags, card)
     broad_images, _ = clean_set(reference_paths(settings)["broad"], card)
     night = settings.nightly
+    replay = None
+    if settings.edit.locality_weight > 0:  # extension (a): from training data, not gate sets
+        train_images, _ = clean_set(world_dir(settings) / "train.parquet", card)
+        replay = build_replay_batch(
+            base_model,
+            train_images[: night.replay_pool],
+            settings.edit.replay_size // 2,
+            settings.edit.replay_size - settings.edit.replay_size // 2,
+            settings.edit.seed,
+        ).images
     tries = fallback_tries(
         settings.edit, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
     )
@@ -244,6 +255,7 @@ def run_edit_stage(
         settings.gate,
         settings.edit.seed,
         night.inference_batch_size,
+        replay,
     )
     return model, requests, outcomes
 

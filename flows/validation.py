@@ -32,7 +32,7 @@ from core.settings import IngestSettings
 if TYPE_CHECKING:
     import pandas as pd
 
-# The flag contract (docs/flags.md): column -> Arrow type test and the type named in errors.
+# The flag contract (README: Flags): column -> Arrow type test and the type named in errors.
 REQUIRED_COLUMNS: dict[str, tuple[Any, str]] = {
     "sample_id": (pa.types.is_string, "string"),
     "image": (pa.types.is_binary, "binary (PNG or JPEG bytes)"),
@@ -61,7 +61,7 @@ def read_partition(path: Path) -> pd.DataFrame:
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(
             f"{path} is not a readable Parquet file ({exc}); the partition is rejected and "
-            "kept in the inbox: rewrite it as Parquet (docs/flags.md) under a new file name"
+            "kept in the inbox: rewrite it as Parquet (README: Flags) under a new file name"
         ) from exc
     check_schema(table.schema, path)
     frame = table.to_pandas()
@@ -85,7 +85,7 @@ def check_schema(schema: pa.Schema, path: Path) -> None:
     if problems:
         raise DataError(
             f"{path}: {'; '.join(problems)}. The partition is rejected and kept in the inbox; "
-            "fix the columns (docs/flags.md) and write it under a new file name"
+            "fix the columns (README: Flags) and write it under a new file name"
         )
 
 

@@ -10,15 +10,17 @@ from core.continual import (
     ClusterRequest,
     LocalitySet,
     candidate_figures,
+    edit_cluster,
     edit_clusters,
     fallback_tries,
     predicted_classes,
     unit_mask,
 )
-from core.edit import MaskedEditor
+from core.edit import EditBatch, EditDelta, MaskedEditor
 from core.gate import retention_key
 from core.model import build_model, weights_hash
 from core.scope import build_scope
+from core.settings import EditSettings, GateSettings
 
 
 @pytest.fixture
@@ -98,3 +100,45 @@ def test_candidate_figures_name_every_gate_input(setup, micro_settings):
     assert figures["broad_locality_vs_base"] == figures["sensitive_locality_vs_champion"] == 1.0
     assert figures["n_broad"] == 16
     assert figures[retention_key("e1")] == 0.0  # the unedited model gets them wrong
+
+
+def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vit):
+    # Given a recording editor and a cluster request with replay images
+    model = micro_vit(head_std=0.3)
+    seen: list[EditBatch] = []
+
+    class Recording:
+        def edit(self, model, batch, *, seed):
+            seen.append(batch)
+            return EditDelta({}, {"steps": 0})
+
+    request = ClusterRequest(
+        "c00-001",
+        ("a",),
+        torch.randn(1, 3, 16, 16),
+        torch.tensor([0]),
+        torch.zeros(0, 3, 16, 16),
+        torch.zeros(0, dtype=torch.long),
+    )
+    images = torch.randn(8, 3, 16, 16)
+    before = predicted_classes(model, images, 8)
+    edit = EditSettings()
+    # When edited without, then with a locality weight
+    for weight in (0.0, 1.0):
+        tries = [(0.9, edit.model_copy(update={"locality_weight": weight}))]
+        edit_cluster(
+            model,
+            request,
+            lambda rho, s: Recording(),
+            tries,
+            images,
+            before,
+            GateSettings(),
+            0,
+            8,
+            replay_images=images[:4],
+        )
+    # Then only the second edit saw the replay images, with the model's own probabilities
+    assert not seen[0].has_replay
+    assert seen[1].has_replay
+    assert torch.allclose(seen[1].replay_probs, model(images[:4]).softmax(1), atol=1e-6)

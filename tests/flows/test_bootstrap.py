@@ -18,8 +18,8 @@ PROJECT = Path(__file__).resolve().parents[2]
 
 
 def micro_params() -> dict:
-    """params.yaml content equal to the micro overrides (so the stages read them)."""
-    tree: dict = {}
+    """The project's params.yaml with the micro overrides applied (every stage finds its keys)."""
+    tree = yaml.safe_load((PROJECT / "params.yaml").read_text())
     for override in MICRO_OVERRIDES:
         key, value = override.split("=", 1)
         *sections, leaf = key.split(".")

@@ -146,8 +146,7 @@ def test_night_edits_registers_promotes_and_serves(promoted):
     assert len(masks) == result.n_accepted
 
     # When a client outside retouch loads the champion
-    mlflow.set_tracking_uri(registry.tracking_uri)
-    mlflow.set_registry_uri(registry.tracking_uri)
+    mlflow.set_tracking_uri(registry.tracking_uri)  # the registry follows the tracking URI
     served = mlflow.pyfunc.load_model(registry.model_uri(CHAMPION))
     images = np.zeros((2, 16, 16, 3), dtype=np.uint8)
 
