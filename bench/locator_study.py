@@ -69,7 +69,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = load_settings(args.params, args.set)
     lr = args.lr or settings.edit.lr
-    inputs = load_inputs(settings, full=True)
+    inputs = load_inputs(settings, full=False)  # capped locality sets: the same for every locator
     scope = build_scope(inputs.model, settings.scope.blocks)
     ks = [int(k) for k in args.ks.split(",")]
     cases = plan_cases(inputs.groups, args.cases, 2, max(ks), settings.edit_benchmark.seed)

@@ -47,11 +47,11 @@ class WorldSettings(Section):
     n_minority_val: int = Field(2_000, ge=0)  # rare-but-present contexts, for the shortcut check
     # Share of training images in a class's main contexts (2 colours x 2 backgrounds); the rest
     # spread over the other allowed contexts. Below 1 so the model must learn shapes.
-    main_context_share: float = Field(0.65, gt=0, le=1)
+    main_context_share: float = Field(0.5, gt=0, le=1)
     n_per_shift_group: int = Field(300, ge=1)  # images per shift group in the shift pool
     n_distractors_max: int = Field(2, ge=0)
     # Shape diameter as a share of the image side: large enough to read the shape at 16 px.
-    size_min: float = Field(0.5, gt=0, le=1)
+    size_min: float = Field(0.55, gt=0, le=1)
     size_max: float = Field(0.8, gt=0, le=1)
     # Rotation range in degrees (+-); kept small so a rotated square never becomes a diamond.
     rotation_max: float = Field(25.0, ge=0, le=45)
@@ -75,7 +75,9 @@ class TrainSettings(Section):
     """Base-model training (core/train.py)."""
 
     seed: int = 0
-    epochs: int = Field(10, ge=1)  # 300k samples of 30k images: about 5 min at 1,000 images/s
+    # 480k samples: 97.8 % in distribution, 96.5 % minority (bench/build_budget.py); 10 epochs
+    # at a 0.65 main-context share gave 94.2 % / 85.6 %, under both bars.
+    epochs: int = Field(16, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.05, ge=0)
@@ -207,7 +209,7 @@ class EditBenchmarkSettings(Section):
 class ClusterSettings(Section):
     """Failure clustering (core/clusters.py)."""
 
-    distance_threshold: float = Field(0.5, gt=0)
+    distance_threshold: float = Field(0.8, gt=0)
     min_cluster_size: int = Field(5, ge=1)
     n_edit_samples: int = Field(3, ge=1)
     match_threshold: float = Field(
