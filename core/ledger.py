@@ -136,9 +136,14 @@ class EditRecord:
         return cls(**values)
 
     def content(self) -> dict[str, Any]:
-        """What identifies the edit: every field but `created_at`, so a rerun of a night that
-        rebuilds the same record later in time still counts as the same entry."""
-        return {key: value for key, value in self.to_dict().items() if key != "created_at"}
+        """What identifies the edit: every field but when and in which run it was made.
+
+        A rerun of a night rebuilds the same record later in time, and a later night whose
+        champion did not move re-makes the same delta on the same parent: both are the same
+        entry, which keeps the `run_id` of the run that first made it.
+        """
+        when = {"created_at", "run_id"}
+        return {key: value for key, value in self.to_dict().items() if key not in when}
 
 
 @dataclass(frozen=True)
@@ -222,7 +227,8 @@ class Ledger:
         """Store `delta` and append `record`; return the stored record.
 
         Idempotent: appending an id already present with the same content (every field but
-        `created_at`) returns the stored record and writes nothing, so a crashed night can rerun.
+        `created_at` and `run_id`) returns the stored record and writes nothing, so a crashed
+        night can rerun and a later night may re-make an edit that was never promoted.
         The delta is written under a temporary name and renamed before the index line is
         appended, so an interrupted append leaves no index line pointing at a partial delta.
 

@@ -27,6 +27,7 @@ QUIET_ENVIRONMENT = {
     "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "core,flows,monitoring",
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # core logs outside a flow stay local
 }
 
 

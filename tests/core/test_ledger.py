@@ -86,6 +86,20 @@ def test_append_same_content_is_a_no_op_even_with_a_later_timestamp(tmp_path: Pa
     assert ledger.index_path.read_bytes() == index_before
 
 
+def test_a_later_night_re_making_the_same_edit_reuses_the_entry(tmp_path: Path):
+    # Given an edit made on one night whose candidate was not promoted
+    ledger = Ledger(tmp_path)
+    delta = make_delta(1)
+    first = make_record(delta, "c1")
+    ledger.append(first, delta)
+    # When the next night edits the same cluster on the same parent, giving the same delta
+    later = EditRecord(**{**first.to_dict(), "run_id": "night-2", "created_at": "2030-01-02"})
+    stored = ledger.append(later, delta)
+    # Then it is the same entry, still naming the night that first made it
+    assert stored == first
+    assert len(ledger.records()) == 1
+
+
 def test_append_same_id_with_other_content_is_refused(tmp_path: Path):
     ledger = Ledger(tmp_path)
     delta = make_delta(1)
