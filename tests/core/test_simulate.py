@@ -18,7 +18,9 @@ GROUPS = [f"style-outline:{c}" for c in "abcdef"]
 
 def test_day_plans_grow_new_causes_and_keep_the_day_size():
     # Given 6 shift groups, 2 live on day one and 1 more per day
-    settings = SimulateSettings(images_per_day=100, shift_share=0.4, seed=3)
+    settings = SimulateSettings(
+        images_per_day=100, shift_share=0.4, seed=3, n_shift_groups_first_day=2
+    )
 
     # When planning 4 days
     plans = plan_days(GROUPS, settings, n_days=4)
