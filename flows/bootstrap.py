@@ -32,7 +32,7 @@ from core.scope import build_scope
 from core.settings import Settings
 from core.train import evaluate_accuracy, train_model
 from core.world import build_plan, class_names, write_world
-from flows.versioning import version_data
+from flows.versioning import ensure_dvc_repo, version_data
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,13 @@ def prepare_data(settings: Settings) -> str:
     return version_data(settings.paths.data, settings.paths.dvc_remote)
 
 
-def reproduce(stages: list[str] | None = None) -> float:
-    """Run `dvc repro` (cached stages are skipped); returns wall seconds."""
+def reproduce(settings: Settings) -> float:
+    """`dvc repro --pull`: stages whose outputs the remote holds are pulled, the rest run.
+
+    On a machine that built the default before (its local remote has the outputs), a fresh
+    clone gets the whole build back in seconds. Returns wall seconds.
+    """
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "dvc", "repro", *(stages or [])], check=True)
+    ensure_dvc_repo(Path.cwd(), settings.paths.dvc_remote)
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "--pull"], check=True)
     return time.perf_counter() - started

@@ -55,8 +55,8 @@ def serve_day(settings: Settings, day: int) -> None:
 
 
 def run_demo(settings: Settings, n_nights: int = 3) -> DemoResult:
-    """`dvc repro` (cached after the first time), then `n_nights` of serve-flag-ingest-edit."""
-    build_seconds = bootstrap.reproduce()
+    """`dvc repro --pull` (cached after the first time), then `n_nights` serve-flag-ingest-edit."""
+    build_seconds = bootstrap.reproduce(settings)
     bootstrap.prepare_data(settings)
     started = time.perf_counter()
     nights = []
