@@ -54,34 +54,24 @@ def _metatrain(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from core.model import load_saved_model
-    from core.simulate import simulate
-    from core.world import build_plan
-    from flows import bootstrap
+    from flows.demo import serve_days
 
-    model, card = load_saved_model(bootstrap.base_dir(settings))
-    inbox = settings.paths.data / "inbox"
-    written = simulate(
-        model,
-        card,
-        build_plan(settings.world),
-        settings.simulate,
-        inbox,
-        args.days,
-        "1",
-        args.first_day,
-    )
-    for path in written:
+    for path in serve_days(settings, args.first_day, args.days):
         print(path)
     return 0
 
 
 def _ingest(args: argparse.Namespace, settings: Settings) -> int:
+    import tempfile
+
     from flows import bootstrap
+    from flows.demo import champion_folder
     from flows.ingest import ingest_flow
 
-    base = bootstrap.base_dir(settings)
-    result = ingest_flow(settings, base, base, args.night, not args.no_version)
+    with tempfile.TemporaryDirectory() as scratch:
+        champion, _ = champion_folder(settings, Path(scratch))
+        base = bootstrap.base_dir(settings)
+        result = ingest_flow(settings, champion, base, args.night, not args.no_version)
     print(
         f"{result.rows_in} rows in = {result.accepted} accepted + {result.quarantined} quarantined"
         f" + {result.duplicates} duplicates; data version {result.data_version}"

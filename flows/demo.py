@@ -31,26 +31,34 @@ class DemoResult:
     nights_seconds: float
 
 
-def serve_day(settings: Settings, day: int) -> None:
-    """Serve simulated day `day` with the current champion (the base model before the registry)."""
+def champion_folder(settings: Settings, scratch: Path) -> tuple[Path, int | None]:
+    """The saved champion (downloaded into `scratch`) and its version; the base model before
+    the registry has one."""
     registry = Registry.connect(settings.paths.mlruns, settings.registry)
     version = registry.get_alias_version(CHAMPION)
+    if version is None:
+        return bootstrap.base_dir(settings), None
+    return registry.load_version_folder(version, scratch), version
+
+
+def serve_days(settings: Settings, first_day: int, n_days: int = 1) -> list[Path]:
+    """Serve simulated days with the current champion (the base model before the registry).
+
+    Returns:
+        The flag files written to the inbox, one per day.
+    """
     with tempfile.TemporaryDirectory() as scratch:
-        folder = (
-            bootstrap.base_dir(settings)
-            if version is None
-            else registry.load_version_folder(version, Path(scratch))
-        )
+        folder, version = champion_folder(settings, Path(scratch))
         model, card = load_saved_model(folder)
-        simulate(
+        return simulate(
             model,
             card,
             build_plan(settings.world),
             settings.simulate,
             settings.paths.data / "inbox",
-            n_days=1,
+            n_days=n_days,
             model_version=str(version or 1),
-            first_day=day,
+            first_day=first_day,
         )
 
 
@@ -61,6 +69,6 @@ def run_demo(settings: Settings, n_nights: int = 3) -> DemoResult:
     started = time.perf_counter()
     nights = []
     for day in range(n_nights):
-        serve_day(settings, day)
+        serve_days(settings, day)
         nights.append(run_nightly(settings, settings.simulate.start_date + timedelta(days=day)))
     return DemoResult(build_seconds, nights, time.perf_counter() - started)
