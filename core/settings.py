@@ -148,7 +148,6 @@ class MetatrainSettings(Section):
 class EditSettings(Section):
     """Test-time editing (method.md section 4) and its production extensions."""
 
-    method: str = "hprd"
     rho: float = Field(0.9, ge=0, lt=1)  # sparsity: share of mask entries NOT edited
     lr: float = Field(1e-3, gt=0)
     max_steps: int = Field(100, ge=1)
