@@ -26,13 +26,26 @@ from tqdm import tqdm
 from core.baselines import RandomLocator, SaliencyLocator
 from core.data import load_images
 from core.edit import Locator, MaskedEditor
-from core.evaluation import EditEvaluator, Level, paired_differences, plan_cases, summarize
+from core.evaluation import (
+    EditEvaluator,
+    Level,
+    paired_differences,
+    plan_cases,
+    summarize,
+    window_name,
+)
 from core.hypernet import HypernetLocator, load_hypernet
 from core.model import preprocess
 from core.replay import build_replay_batch
 from core.scope import build_scope
 from core.settings import load_settings
-from flows.benchmark import ACCURACY_SET, load_inputs, markdown_table, write_csv
+from flows.benchmark import (
+    ACCURACY_SET,
+    PAIRED_COLUMNS,
+    load_inputs,
+    markdown_table,
+    write_csv,
+)
 from flows.bootstrap import world_dir
 from monitoring.plots import plot_tradeoff
 
@@ -86,9 +99,7 @@ def main() -> None:
             for rho in (float(r) for r in args.rhos.split(",")):
                 edit = settings.edit.model_copy(update={"lr": lr, "locality_weight": weight})
                 for k in ks:
-                    level = Level(
-                        name + suffix, rho, k, lr, f"{scope.blocks[0]}-{scope.blocks[-1]}"
-                    )
+                    level = Level(name + suffix, rho, k, lr, window_name(scope.blocks))
                     jobs.append((level, MaskedEditor(name + suffix, scope, locator, rho, edit)))
     rows, started = [], time.perf_counter()
     with tqdm(total=len(jobs) * len(cases), desc="edits", unit="edit", disable=None) as bar:
@@ -128,23 +139,13 @@ def main() -> None:
     write_csv(paired, args.out / "paired.csv")
     plot_tradeoff(rows, args.out / "tradeoff.png", ["locality_sensitive", "locality_broad"])
     overall = [row for row in paired if row["subset"] == "all"]
-    columns = [
-        "first",
-        "second",
-        "level",
-        "k",
-        "metric",
-        "n_edits",
-        "mean_difference",
-        "standard_error",
-    ]
     (args.out / "report.md").write_text(
         "# Locator study\n\n"
         f"{len(cases)} paired cases, lr {lr}, {time.perf_counter() - started:.0f} s\n\n"
         "## Summary\n\n"
         + markdown_table(summary, ["method", "level", "k", "n_edits", *METRICS])
         + "\n## Paired differences (all subsets)\n\n"
-        + markdown_table(overall, columns)
+        + markdown_table(overall, PAIRED_COLUMNS)
     )
     print((args.out / "report.md").read_text())
     print(json.dumps({"out": str(args.out)}))

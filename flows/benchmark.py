@@ -91,6 +91,19 @@ TABLE_COLUMNS = (
 MLFLOW_BATCH = 500  # metrics per log_batch call (MLflow accepts at most 1,000)
 
 
+# Columns of a paired-differences table, as `paired_differences` returns its rows.
+PAIRED_COLUMNS = (
+    "first",
+    "second",
+    "level",
+    "k",
+    "metric",
+    "n_edits",
+    "mean_difference",
+    "standard_error",
+)
+
+
 def default_out_dir(settings: Settings) -> Path:
     """The benchmark's output folder unless one is given."""
     return settings.paths.artifacts / "edit-benchmark"
@@ -378,16 +391,7 @@ def _report_sections(
         **_subset_tables(tables["summary"]),
         "Paired differences (first minus second, same edits)": markdown_table(
             [row for row in tables["paired"] if row["subset"] == "all"],
-            (
-                "first",
-                "second",
-                "level",
-                "k",
-                "metric",
-                "n_edits",
-                "mean_difference",
-                "standard_error",
-            ),
+            PAIRED_COLUMNS,
         ),
         f"Mask localization at rho = {config.iou_rho}": markdown_table(
             tables["masks"], list(tables["masks"][0]) if tables["masks"] else ()
