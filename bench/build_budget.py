@@ -5,6 +5,10 @@ distribution and >= 90 % on the minority contexts; at least 12 failure groups of
 from both the context and the style subsets, every style kind among them; >= 300 sensitive
 images; >= 2,000 broad images.
 
+Each stage is timed in wall seconds and in CPU seconds of this process (user + system, all
+threads): on a machine shared with other jobs the wall time grows with the load, the CPU time
+much less, so both are printed, with the load average before and after.
+
 Usage: python bench/build_budget.py [--params params.yaml] [--set KEY=VALUE ...] [--out DIR]
 """
 
@@ -12,34 +16,60 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from core.settings import load_settings
+import torch
+
+from core.settings import Settings, load_settings
 from flows import bootstrap
 
-
-def timed(step, settings) -> tuple[object, float]:
-    """Run one build step; return its result and wall seconds."""
-    started = time.perf_counter()
-    result = step(settings)
-    return result, time.perf_counter() - started
+BUDGET_SECONDS = 480
+MIN_FAILURES = 30  # failures a group needs to count towards the 12
 
 
-def checks(card_metrics: dict, summary: dict, seconds: float) -> dict[str, bool]:
-    """Each budget of the issue, passed or not."""
-    groups = summary["failures_per_group"]
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(step: Callable[[Settings], object], settings: Settings) -> dict[str, float]:
+    """Run one build step; return its wall and CPU seconds."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    step(settings)
+    return {"wall": time.perf_counter() - wall, "cpu": cpu_seconds() - cpu}
+
+
+def checks(card_metrics: dict, summary: dict, wall_seconds: float) -> dict[str, bool]:
+    """Each budget of the issue, met or not."""
+    groups = {g: n for g, n in summary["failures_per_group"].items() if n >= MIN_FAILURES}
+    subsets = {"ctx" if g.startswith("ctx-") else "style" for g in groups}
     styles = {group.split(":")[0] for group in groups if group.startswith("style-")}
     return {
-        "build <= 480 s": seconds <= 480,
+        f"build <= {BUDGET_SECONDS} s wall": wall_seconds <= BUDGET_SECONDS,
         "accuracy in distribution >= 0.95": card_metrics["accuracy_in_distribution"] >= 0.95,
         "accuracy minority contexts >= 0.90": card_metrics["accuracy_minority"] >= 0.90,
-        ">= 12 failure groups": len(groups) >= 12,
-        "context and style groups": all(n > 0 for n in summary["groups_per_subset"].values()),
+        f">= 12 failure groups of >= {MIN_FAILURES}": len(groups) >= 12,
+        "context and style groups": subsets == {"ctx", "style"},
         "every style kind has groups": len(styles) == 3,
         ">= 300 sensitive": summary["n_sensitive"] >= 300,
         ">= 2000 broad": summary["n_broad"] >= 2000,
     }
+
+
+def report_lines(result: dict) -> list[str]:
+    """A readable table of the stage times and the bars."""
+    lines = [f"{'stage':<10} {'wall s':>8} {'cpu s':>8}"]
+    for stage, seconds in result["seconds"].items():
+        lines.append(f"{stage:<10} {seconds['wall']:>8.1f} {seconds['cpu']:>8.1f}")
+    lines.append(f"load average before / after: {result['load_before']} / {result['load_after']}")
+    for bar, met in result["checks"].items():
+        lines.append(f"{'met   ' if met else 'MISSED'} {bar}")
+    return lines
 
 
 def main() -> None:
@@ -49,25 +79,34 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     args = parser.parse_args()
     settings = load_settings(args.params, args.set)
-    seconds = {}
-    _, seconds["world"] = timed(bootstrap.build_world, settings)
-    card, seconds["base"] = timed(bootstrap.build_base, settings)
-    summary, seconds["benchmark"] = timed(bootstrap.build_benchmark, settings)
-    total = sum(seconds.values())
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    seconds = {
+        "world": timed(bootstrap.build_world, settings),
+        "base": timed(bootstrap.build_base, settings),
+        "benchmark": timed(bootstrap.build_benchmark, settings),
+    }
+    seconds["total"] = {key: sum(s[key] for s in seconds.values()) for key in ("wall", "cpu")}
+    card = json.loads((bootstrap.base_dir(settings) / "model_card.json").read_text())
     summary = json.loads((bootstrap.benchmark_dir(settings) / "summary.json").read_text())
     result = {
-        "seconds": {**seconds, "total": total},
-        "base_model": card.metrics,
+        "seconds": seconds,
+        "torch_threads": settings.train.num_threads,
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "load_before": load_before,
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+        "base_model": card["metrics"],
         "failure_groups": len(summary["failures_per_group"]),
         "groups_per_subset": summary["groups_per_subset"],
         "n_sensitive": summary["n_sensitive"],
         "n_sensitive_scanned": summary["n_sensitive_scanned"],
         "n_broad": summary["n_broad"],
-        "checks": checks(card.metrics, summary, total),
+        "checks": checks(card["metrics"], summary, seconds["total"]["wall"]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "build_budget.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    print("\n".join(report_lines(result)))
 
 
 if __name__ == "__main__":

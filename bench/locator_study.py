@@ -25,18 +25,19 @@ from tqdm import tqdm
 
 from core.baselines import RandomLocator, SaliencyLocator
 from core.data import load_images
-from core.edit import Locator, MaskedEditor
+from core.edit import Editor, Locator, MaskedEditor
 from core.evaluation import (
     EditEvaluator,
     Level,
     paired_differences,
     plan_cases,
+    run_edits,
     summarize,
     window_name,
 )
 from core.hypernet import HypernetLocator, load_hypernet
 from core.model import preprocess
-from core.replay import build_replay_batch
+from core.replay import ReplayingEditor, build_replay_batch
 from core.scope import build_scope
 from core.settings import load_settings
 from flows.benchmark import (
@@ -58,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--hypernet", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--cases", type=int, default=32)
+    parser.add_argument(
+        "--baselines", default="saliency,random", help="'' to run only hypernetworks"
+    )
     parser.add_argument("--rhos", default="0.9,0.95")
     parser.add_argument("--ks", default="1,3")
     parser.add_argument("--lr", type=float, default=None, help="default: edit.lr")
@@ -70,7 +74,10 @@ def parse_args() -> argparse.Namespace:
 
 def locators(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Locator]:
     """Baselines plus one HypernetLocator per --hypernet NAME=PATH."""
-    found: dict[str, Locator] = {"saliency": SaliencyLocator(), "random": RandomLocator()}
+    baselines = {"saliency": SaliencyLocator(), "random": RandomLocator()}
+    found: dict[str, Locator] = {
+        name: baselines[name] for name in args.baselines.split(",") if name
+    }
     for spec in args.hypernet:
         name, path = spec.split("=", 1)
         found[name] = HypernetLocator(load_hypernet(Path(path), model))
@@ -93,46 +100,27 @@ def main() -> None:
         inputs.model, preprocess(train.images[:5000], inputs.card), 32, 32, args.seed_replay
     )
     variants = [("", 0.0)] + ([("+loc", args.locality_weight)] if args.locality_weight else [])
-    jobs = []
+    jobs: list[tuple[Level, Editor]] = []
     for name, locator in locators(args, inputs.model).items():
         for suffix, weight in variants:
+            edit = settings.edit.model_copy(update={"lr": lr, "locality_weight": weight})
             for rho in (float(r) for r in args.rhos.split(",")):
-                edit = settings.edit.model_copy(update={"lr": lr, "locality_weight": weight})
-                for k in ks:
-                    level = Level(name + suffix, rho, k, lr, window_name(scope.blocks))
-                    jobs.append((level, MaskedEditor(name + suffix, scope, locator, rho, edit)))
-    rows, started = [], time.perf_counter()
+                editor: Editor = MaskedEditor(name + suffix, scope, locator, rho, edit)
+                if weight:
+                    editor = ReplayingEditor(editor, replay)
+                level = Level(name + suffix, rho, ks[0], lr, window_name(scope.blocks))
+                jobs += [(replace(level, k=k), editor) for k in ks]
+    started = time.perf_counter()
     with tqdm(total=len(jobs) * len(cases), desc="edits", unit="edit", disable=None) as bar:
-        for level, editor in jobs:
-            for case in cases:
-                batch = evaluator.edit_batch(case, level.k)
-                if editor.settings.locality_weight:
-                    batch = replace(batch, replay_images=replay.images, replay_probs=replay.probs)
-                delta = editor.edit(evaluator.model, batch, seed=case.seed)
-                measured = evaluator.measure(delta, case, level.k)
-                rows.append(
-                    {
-                        "method": level.method,
-                        "level": level.level,
-                        "k": level.k,
-                        "lr": lr,
-                        "case_id": case.case_id,
-                        "group": case.group,
-                        "subset": case.subset,
-                        "reliability": measured.reliability,
-                        "generalization": measured.generalization,
-                        **{f"locality_{n}": v for n, v in measured.locality.items()},
-                        "accuracy": measured.accuracy,
-                        "steps": int(delta.meta.get("steps", 0)),
-                    }
-                )
-                bar.update()
+        results = run_edits(jobs, cases, evaluator, on_edit=lambda _: bar.update())
+    rows = [result.row() for result in results]
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, args.out / "edits.csv")
     summary = summarize(rows, keys=("method", "level", "k"))
     write_csv(summary, args.out / "summary.csv")
-    names = sorted({row["method"] for row in rows} - {"saliency", "random"})
-    pairs = [(n, base) for n in names for base in ("saliency", "random")]
+    methods = {str(row["method"]) for row in rows}
+    baselines = [name for name in ("saliency", "random") if name in methods]
+    pairs = [(name, base) for name in sorted(methods - set(baselines)) for base in baselines]
     paired = paired_differences(
         rows, pairs, ["generalization", "locality_sensitive", "locality_broad"]
     )

@@ -7,8 +7,8 @@ the figures the global gate judges the whole candidate on.
 
 Protocol (anchors.md: locality is measured against the ORIGINAL model): the candidate's locality
 is always computed against predictions of the base model and of the champion cached once per
-night (`LocalitySet`), never against an already-edited model; only the per-cluster locality is,
-by definition, against the model right before that cluster's edit.
+night (`references` of `candidate_figures`), never against an already-edited model; only the
+per-cluster locality is, by definition, against the model right before that cluster's edit.
 """
 
 from __future__ import annotations
@@ -20,7 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from core.edit import EditBatch, EditDelta, Editor, apply_delta, eval_mode, restore
+from core.edit import (
+    EditBatch,
+    EditDelta,
+    Editor,
+    SplitForward,
+    apply_delta,
+    eval_mode,
+    restore,
+)
 from core.gate import GateResult, cluster_gate, retention_key
 from core.metrics import accuracy, generalization, locality, reliability, retention
 from core.model import predict_logits, weights_hash
@@ -94,19 +102,46 @@ class ClusterOutcome:
         return self.attempts[-1].gate
 
 
-@dataclass(frozen=True)
-class LocalitySet:
-    """A frozen clean image set with the reference predictions cached before the night's edits.
+class LocalityProbe:
+    """The clean images the cluster gate measures locality on, with their prefix cached.
 
-    Attributes:
-        images: (N, 3, S, S) float, preprocessed.
-        base_predictions: (N,) classes the original base model predicts.
-        champion_predictions: (N,) classes the night's champion (the candidate's parent) predicts.
+    An edit changes only the blocks from its first touched one on, so the patch embedding and
+    the blocks before it give the same activations before and after the edit: they run once a
+    night (`SplitForward.prefix`), and each gate check runs only the rest. The predictions equal
+    a full forward's bit for bit (the same batches through the same operations).
     """
 
-    images: torch.Tensor
-    base_predictions: torch.Tensor
-    champion_predictions: torch.Tensor
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        """Args: images (N, 3, S, S) float, preprocessed; batch_size: images per forward."""
+        self.images = images
+        self.batch_size = batch_size
+        self._prefixes: dict[int | None, torch.Tensor] = {}  # cut -> (N, T, D) activations
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, touched: Sequence[str]) -> torch.Tensor:
+        """(N,) classes of `model` whose blocks before those holding `touched` are unchanged
+        since the probe last ran them (`settle` keeps that true)."""
+        if not touched:
+            return predicted_classes(model, self.images, self.batch_size)
+        forward = SplitForward(model, list(touched))
+        with eval_mode(model):
+            cut = forward.first_block
+            if cut not in self._prefixes:
+                batches = self.images.split(self.batch_size)
+                self._prefixes[cut] = torch.cat([forward.prefix(b) for b in batches])
+            cached = self._prefixes[cut].split(self.batch_size)
+            return torch.cat([forward.suffix(part, {}) for part in cached]).argmax(dim=1)
+
+    def settle(self, model: nn.Module, touched: Sequence[str]) -> None:
+        """`model` changed for good in `touched`: forget the prefixes that ran through them."""
+        if not touched:
+            return
+        cut = SplitForward(model, list(touched)).first_block
+        self._prefixes = {
+            kept: tokens
+            for kept, tokens in self._prefixes.items()
+            if kept is None or (cut is not None and kept <= cut)
+        }
 
 
 @torch.no_grad()
@@ -127,11 +162,12 @@ def fallback_tries(
 def cluster_figures(
     model: nn.Module,
     request: ClusterRequest,
-    locality_images: torch.Tensor,
+    probe: LocalityProbe,
+    touched: Sequence[str],
     before_predictions: torch.Tensor,
     batch_size: int,
 ) -> tuple[dict[str, float], torch.Tensor]:
-    """Cluster-gate figures of `model` (already edited) and its predictions on `locality_images`.
+    """Cluster-gate figures of `model` (edited in `touched`) and its locality-image predictions.
 
     Returns:
         The figures (`reliability`, `generalization` when held-out flags exist, `locality`,
@@ -139,7 +175,7 @@ def cluster_figures(
         "before".
     """
     edit_predictions = predicted_classes(model, request.edit_images, batch_size)  # (k,)
-    after = predicted_classes(model, locality_images, batch_size)  # (N,)
+    after = probe.predictions(model, touched)  # (N,)
     figures = {
         "reliability": reliability(edit_predictions, request.edit_labels),
         "locality": locality(after, before_predictions),
@@ -158,7 +194,7 @@ def edit_cluster(
     request: ClusterRequest,
     make_editor: MakeEditor,
     tries: Sequence[tuple[float, EditSettings]],
-    locality_images: torch.Tensor,
+    probe: LocalityProbe,
     before_predictions: torch.Tensor,
     gate: GateSettings,
     seed: int,
@@ -168,7 +204,7 @@ def edit_cluster(
     """Edit one cluster on top of `model` (in place), keeping the edit only if its gate passes.
 
     Each try edits, applies the delta, and judges it with `cluster_gate`: every edit sample
-    right, locality on `locality_images` against `before_predictions` (the model before this
+    right, locality on the probe's images against `before_predictions` (the model before this
     cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
     rejected cluster leaves no trace in `model`. With `replay_images` (clean images the gates do
     not measure on) and a try whose `locality_weight` is positive, the edit also keeps the
@@ -191,13 +227,15 @@ def edit_cluster(
         batch = replayed if settings.locality_weight > 0 else plain
         delta = make_editor(rho, settings).edit(model, batch, seed=seed)
         undo = apply_delta(model, delta)
+        touched = delta.touched_parameters()
         figures, after = cluster_figures(
-            model, request, locality_images, before_predictions, batch_size
+            model, request, probe, touched, before_predictions, batch_size
         )
         result = cluster_gate(figures, gate)
         attempts.append(Attempt(rho, settings.max_steps, result))
         settings_json = settings.model_dump(mode="json") | {"rho": rho}
         if result.passed:
+            probe.settle(model, touched)
             logger.info("cluster %s accepted (rho %g)", request.cluster_id, rho)
             outcome = ClusterOutcome(
                 request.cluster_id,
@@ -232,9 +270,11 @@ def edit_clusters(
     """Edit every cluster in id order on the running candidate `model` (changed in place).
 
     The order is deterministic (sorted cluster ids), so the same night on the same champion
-    gives the same deltas and the same candidate bits.
+    gives the same deltas and the same candidate bits. Each accepted cluster's edit samples join
+    `replay_images` for the clusters after it, so a later edit keeps earlier fixes right.
     """
-    before = predicted_classes(model, locality_images, batch_size)  # (N,)
+    probe = LocalityProbe(locality_images, batch_size)
+    before = probe.predictions(model, ())  # (N,)
     outcomes = []
     for request in sorted(requests, key=lambda r: r.cluster_id):
         outcome, before = edit_cluster(
@@ -242,7 +282,7 @@ def edit_clusters(
             request,
             make_editor,
             tries,
-            locality_images,
+            probe,
             before,
             gate,
             seed,
@@ -250,6 +290,9 @@ def edit_clusters(
             replay_images,
         )
         outcomes.append(outcome)
+        if outcome.accepted and replay_images is not None:
+            # later clusters of the night keep this fix too (retention)
+            replay_images = torch.cat([replay_images, request.edit_images])
     return outcomes
 
 
@@ -267,34 +310,38 @@ def unit_mask(scope: EditScope, delta: EditDelta) -> torch.Tensor:
 
 def candidate_figures(
     candidate: nn.Module,
-    broad: LocalitySet,
-    sensitive: LocalitySet,
-    validation: tuple[torch.Tensor, torch.Tensor],
-    accuracy_base: float,
+    clean_predictions: Mapping[str, torch.Tensor],
+    references: Mapping[str, torch.Tensor],
     retention_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     batch_size: int,
 ) -> dict[str, float]:
     """The global gate's figures of a candidate (names as in core/gate.py).
 
+    Locality is always against predictions cached before the night's edits, never against an
+    edited model; the candidate's own clean-set predictions come in too, so a caller that has
+    them (a cache keyed by weights) does not run the model again.
+
     Args:
-        candidate: the candidate model.
-        broad: the broad clean sample with cached base / champion predictions.
-        sensitive: the sensitive set with cached base / champion predictions.
-        validation: clean validation images (N, 3, S, S) float and labels (N,).
-        accuracy_base: the base model's accuracy on `validation`.
+        candidate: the candidate model (run on the retention sets).
+        clean_predictions: the candidate's (N,) classes on `broad`, `sensitive`, `validation`.
+        references: `<set>/base` and `<set>/champion` (N,) classes of the base model and of the
+            night's champion on `broad` and `sensitive`; `validation/base` and
+            `validation/labels` for the accuracies.
         retention_sets: ledger id -> (its edit samples (k, 3, S, S), their labels (k,)).
         batch_size: inference batch size.
     """
-    figures: dict[str, float] = {"accuracy_base": accuracy_base}
-    for name, reference in (("broad", broad), ("sensitive", sensitive)):
-        predictions = predicted_classes(candidate, reference.images, batch_size)  # (N,)
-        figures[f"{name}_locality_vs_base"] = locality(predictions, reference.base_predictions)
-        figures[f"{name}_locality_vs_champion"] = locality(
-            predictions, reference.champion_predictions
-        )
+    labels = references["validation/labels"]
+    figures: dict[str, float] = {
+        "accuracy_base": accuracy(references["validation/base"], labels),
+        "accuracy": accuracy(clean_predictions["validation"], labels),
+    }
+    for name in ("broad", "sensitive"):
+        predictions = clean_predictions[name]  # (N,)
+        for reference in ("base", "champion"):
+            figures[f"{name}_locality_vs_{reference}"] = locality(
+                predictions, references[f"{name}/{reference}"]
+            )
         figures[f"n_{name}"] = float(predictions.numel())
-    images, labels = validation
-    figures["accuracy"] = accuracy(predicted_classes(candidate, images, batch_size), labels)
     for edit_id, (images, labels) in retention_sets.items():
         predictions = predicted_classes(candidate, images, batch_size)
         figures[retention_key(edit_id)] = retention(predictions, labels)

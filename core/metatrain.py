@@ -6,8 +6,9 @@ implementations, and the resumable training loop with per-iteration diagnostics.
 
 The math of one iteration, per sample i of a batch of B pseudo-failures (x_i clean, x~_i mixed):
 
-1. Free mask logits z_i ~ U[-1, 1]^n; soft mask m_i = sigmoid(logit_scale * z_i), broadcast to
-   each scope matrix by `EditScope.expand` (fc1 rows, fc2 columns).
+1. Free mask logits z_i ~ U[-r, r]^n (r = `initial_logit_range`, the paper's 1); soft mask
+   m_i = sigmoid(logit_scale * z_i), broadcast to each scope matrix by `EditScope.expand`
+   (fc1 rows, fc2 columns).
 2. Edit loss of scope weights V: L_i(V) = T^2 KL(softmax(f(x_i)/T) || softmax(f_V(x~_i)/T)).
 3. Inner loop, first-order: d_0 = 0; d_{t+1} = d_t - inner_lr * g_t with
    g_t = dL_i/dV at V = W + m_i * d_t (the gradient w.r.t. the *edited* weights, not w.r.t. d),
@@ -24,6 +25,11 @@ The math of one iteration, per sample i of a batch of B pseudo-failures (x_i cle
    optimizer over the (B, n) logits equals B per-sample optimizers.
 5. Distillation: targets t_i = sigmoid(target_scale * z_i) (detached); distill_steps RMSprop
    steps (distill_lr, cosine decay over the run) on distill_weight * BCE(h(x~_i), t_i).
+6. Target bank (optional, `bank_epochs`): the targets of step 5 never depend on the hypernetwork,
+   so every (input, target) pair stays valid for the whole run; after the last iteration the
+   hypernetwork takes extra passes of the same BCE over all of them. A short run generates few
+   targets at a high price (steps 1-4 are nearly all of an iteration); the online steps alone
+   leave the hypernetwork worse than a constant mask at such budgets.
 
 Efficiency without changing the math: the frozen blocks before the scope run once per image per
 iteration (`core.edit.SplitForward`), and the B inner loops run as one batched forward with
@@ -38,7 +44,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -540,6 +546,11 @@ class IterationStats:
     seconds: float
 
 
+# Settings a resumed run may change: when to checkpoint, and the bank distillation after the
+# last iteration (neither changes what an iteration computes).
+FREE_ON_RESUME = {"checkpoint_every", "bank_epochs", "bank_lr", "bank_batch_size", "bank_holdout"}
+
+
 @dataclass(frozen=True)
 class MetatrainReport:
     """What `metatrain` produced."""
@@ -551,6 +562,31 @@ class MetatrainReport:
 
 
 @dataclass
+class TargetBank:
+    """Every (hypernetwork input, distillation target) pair of the run, one entry per iteration."""
+
+    features: list[torch.Tensor] = field(default_factory=list)  # (B, D) each
+    unit_gradients: list[torch.Tensor] = field(default_factory=list)  # (B, n) each; extension (c)
+    targets: list[torch.Tensor] = field(default_factory=list)  # (B, n) each
+
+    def add(
+        self,
+        features: torch.Tensor,
+        unit_gradients: list[torch.Tensor] | None,
+        targets: torch.Tensor,
+    ) -> None:
+        """Keep one iteration's pairs (detached, on the CPU)."""
+        self.features.append(features.detach().cpu())
+        if unit_gradients is not None:
+            self.unit_gradients.append(torch.cat(unit_gradients, dim=1).detach().cpu())
+        self.targets.append(targets.detach().cpu())
+
+    def state(self) -> dict[str, list[torch.Tensor]]:
+        """Checkpoint form."""
+        return asdict(self)
+
+
+@dataclass
 class _TrainingState:
     """Everything a checkpoint holds, besides what it is checked against."""
 
@@ -559,6 +595,7 @@ class _TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     history: list[IterationStats]
     iteration: int = 0
+    bank: TargetBank = field(default_factory=TargetBank)
 
 
 def _check_inputs(
@@ -680,9 +717,8 @@ def _run_iteration(
     mixed = pseudo.mixed
     with torch.no_grad():
         clean_logits = split.model(pseudo.clean)  # (B, C)
-    initial = (
-        torch.rand(settings.batch_size, scope.n_mask_entries, generator=generator) * 2 - 1
-    )  # (B, n)
+    uniform = torch.rand(settings.batch_size, scope.n_mask_entries, generator=generator)
+    initial = (uniform * 2 - 1) * settings.initial_logit_range  # (B, n)
     keep = _keep_targets(split.model, pool, pseudo, settings, generator)
     fit = fit_mask_logits_batched(
         split, scope, mixed, clean_logits, initial.to(pool), settings, keep
@@ -691,9 +727,10 @@ def _run_iteration(
     unit_gradients = (
         unit_gradient_stats(scope, fit.base_gradients) if state.hypernet.reads_gradients else None
     )
-    distill_bce = _distill(
-        state, pooled_features(split.model, mixed), unit_gradients, targets, settings
-    )
+    features = pooled_features(split.model, mixed)  # (B, D)
+    distill_bce = _distill(state, features, unit_gradients, targets, settings)
+    if settings.bank_epochs:
+        state.bank.add(features, unit_gradients, targets)
     constant = targets.mean(dim=0, keepdim=True).expand_as(targets)
     state.iteration += 1
     return IterationStats(
@@ -715,11 +752,16 @@ def _run_identity(
     settings: MetatrainSettings,
     hypernet_settings: HypernetSettings,
 ) -> dict[str, object]:
-    """What a checkpoint must match to be resumed (checkpoint_every may change between runs)."""
+    """What a checkpoint must match to be resumed.
+
+    Settings that act outside the iterations (`FREE_ON_RESUME`) may change between runs: a
+    finished run's checkpoint can then be re-distilled from its bank with other bank settings,
+    ending exactly where a fresh run with those settings would.
+    """
     return {
         "base_weights_hash": base_hash,
         "scope_blocks": list(scope.blocks),
-        "settings": settings.model_dump(mode="json", exclude={"checkpoint_every"}),
+        "settings": settings.model_dump(mode="json", exclude=FREE_ON_RESUME),
         "hypernet_settings": hypernet_settings.model_dump(mode="json"),
     }
 
@@ -733,6 +775,7 @@ def _save_checkpoint(folder: Path, state: _TrainingState, identity: dict[str, ob
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "history": [asdict(stats) for stats in state.history],
+        "bank": state.bank.state(),
     }
     partial_path = folder / f"{CHECKPOINT_NAME}.partial"
     torch.save(payload, partial_path)
@@ -755,7 +798,10 @@ def _resume(folder: Path, state: _TrainingState, identity: dict[str, object]) ->
             f"this model's hash is {str(identity['base_weights_hash'])[:12]}; "
             "delete it or use another checkpoint folder"
         )
-    differing = [key for key, value in identity.items() if payload[key] != value]
+    recorded = payload | {
+        "settings": {k: v for k, v in payload["settings"].items() if k not in FREE_ON_RESUME}
+    }
+    differing = [key for key, value in identity.items() if recorded[key] != value]
     if differing:
         raise CheckpointMismatch(
             f"{path} belongs to a run with other {differing}; delete it to start afresh or restore "
@@ -765,6 +811,7 @@ def _resume(folder: Path, state: _TrainingState, identity: dict[str, object]) ->
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
     state.history = [IterationStats(**stats) for stats in payload["history"]]
+    state.bank = TargetBank(**payload["bank"])
     state.iteration = payload["iteration"]
     return state.iteration
 
@@ -842,6 +889,8 @@ def metatrain(
             _save_checkpoint(folder, state, identity)
     progress.close()
     summary = summarize(state.history)
+    if settings.bank_epochs:
+        summary |= distill_bank(state.hypernet, state.bank, settings)
     _warn_if_inner_loop_stalls(summary, settings)
     logger.info(
         "meta-training done: %s", ", ".join(f"{key} {value:.4g}" for key, value in summary.items())
@@ -855,6 +904,57 @@ def metatrain(
         meta=summary,
     )
     return MetatrainReport(state.hypernet, path, state.history, resumed_from)
+
+
+def distill_bank(
+    hypernet: MaskHypernet, bank: TargetBank, settings: MetatrainSettings
+) -> dict[str, float]:
+    """Extra passes of the distillation BCE over every banked target (step 6); trains `hypernet`.
+
+    A seeded `bank_holdout` share is kept out: its BCE before and after, beside the BCE of the
+    best constant mask (the per-unit mean of the other targets), says whether the hypernetwork
+    predicts sample-specific masks or only a population prior.
+
+    Returns:
+        JSON-ready diagnostics: bank size and the held-out BCEs.
+    """
+    features = torch.cat(bank.features)  # (N, D)
+    targets = torch.cat(bank.targets)  # (N, n)
+    gradients = torch.cat(bank.unit_gradients) if bank.unit_gradients else None  # (N, n)
+    generator = torch.Generator().manual_seed(settings.seed)
+    order = torch.randperm(len(targets), generator=generator)
+    n_held = round(settings.bank_holdout * len(order))
+    held, kept = order[:n_held], order[n_held:]
+
+    def bce(rows: torch.Tensor) -> torch.Tensor:
+        unit_gradients = (
+            None if gradients is None else list(gradients[rows].split(hypernet.mask_widths, 1))
+        )
+        return F.binary_cross_entropy(hypernet(features[rows], unit_gradients), targets[rows])
+
+    optimizer = torch.optim.RMSprop(hypernet.parameters(), lr=settings.bank_lr)
+    n_steps = settings.bank_epochs * math.ceil(len(kept) / settings.bank_batch_size)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=n_steps)
+    with torch.no_grad():
+        before = bce(held).item() if len(held) else math.nan
+    for _ in tqdm(range(settings.bank_epochs), desc="bank distill", disable=None):
+        for rows in kept[torch.randperm(len(kept), generator=generator)].split(
+            settings.bank_batch_size
+        ):
+            optimizer.zero_grad()
+            bce(rows).backward()
+            optimizer.step()
+            scheduler.step()
+    with torch.no_grad():
+        after = bce(held).item() if len(held) else math.nan
+        prior = targets[kept].mean(dim=0, keepdim=True).expand(len(held), -1)  # (N_held, n)
+        constant = F.binary_cross_entropy(prior, targets[held]).item() if len(held) else math.nan
+    return {
+        "bank_samples": float(len(targets)),
+        "bank_heldout_bce_before": before,
+        "bank_heldout_bce": after,
+        "bank_heldout_constant_bce": constant,
+    }
 
 
 def _warn_if_inner_loop_stalls(summary: dict[str, float], settings: MetatrainSettings) -> None:

@@ -8,10 +8,12 @@ holds those plus a random share for breadth. Draw it from data the gates do not 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+from torch import nn
 
+from core.edit import EditBatch, EditDelta, Editor
 from core.model import predict_logits
 
 
@@ -43,3 +45,17 @@ def build_replay_batch(
     picked = rest[torch.randperm(len(rest), generator=generator)[:n_random]]
     chosen = torch.cat([low, picked])
     return ReplayBatch(images[chosen], probs[chosen])
+
+
+@dataclass(frozen=True)
+class ReplayingEditor:
+    """An Editor that hands every request the same replay batch (for edits of one fixed model,
+    as in the benchmark, where the model is restored after each edit)."""
+
+    editor: Editor
+    replay: ReplayBatch
+
+    def edit(self, model: nn.Module, batch: EditBatch, *, seed: int) -> EditDelta:
+        """`editor.edit` with the replay batch attached to `batch`."""
+        replayed = replace(batch, replay_images=self.replay.images, replay_probs=self.replay.probs)
+        return self.editor.edit(model, replayed, seed=seed)

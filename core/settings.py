@@ -128,6 +128,9 @@ class MetatrainSettings(Section):
     outer_steps: int = Field(10, ge=1)
     outer_lr: float = Field(0.1, gt=0)
     sparsity_weight: float = Field(1.0, ge=0)
+    # Free mask logits start as U[-r, r]; r = 1 is the paper's. At a short budget the random
+    # start dominates the targets (findings in README), r = 0 makes them a function of x.
+    initial_logit_range: float = Field(1.0, ge=0)
     logit_scale: float = 10.0  # soft mask during the outer loop: sigmoid(scale * z)
     target_scale: float = 3.0  # distillation target: sigmoid(scale * z)
     distill_steps: int = Field(4, ge=1)
@@ -143,6 +146,12 @@ class MetatrainSettings(Section):
     # edit on a sibling (same corruption, another clean image) and on a clean replay image.
     sibling_weight: float = Field(0.0, ge=0)
     replay_weight: float = Field(0.0, ge=0)
+    # Target bank: the decoupled targets never depend on the hypernetwork, so after the last
+    # iteration the distillation can take extra passes over all of them (0 = online steps only).
+    bank_epochs: int = Field(0, ge=0)
+    bank_lr: float = Field(1e-3, gt=0)
+    bank_batch_size: int = Field(64, ge=1)
+    bank_holdout: float = Field(0.1, ge=0, lt=1)  # share kept out to report held-out BCE
 
 
 class EditSettings(Section):
@@ -276,6 +285,24 @@ class NightlySettings(Section):
     inference_batch_size: int = Field(256, ge=1)  # reference predictions, gates, retention
     # Training images scored to pick the locality term's replay batch (lowest margins first).
     replay_pool: int = Field(5_000, ge=1)
+    # Retention: each earlier accepted edit lends this many of its samples to the replay batch,
+    # so a new edit keeps them right (0 = clean replay images only).
+    retention_replay_per_edit: int = Field(2, ge=0)
+
+
+class MonitoringSettings(Section):
+    """The monitoring dashboard (monitoring/dashboard.py): what it flags and how much it shows."""
+
+    after_night: bool = True  # the nightly flow rebuilds the dashboard after each night
+    # A gate figure within this distance of its threshold is "nearly crossed" (attention list).
+    near_margin: float = Field(0.02, ge=0, le=1)
+    max_rejections: int = Field(2, ge=1)  # a cluster rejected this often needs a person
+    # Champion's relative weight change vs the base model (which the hypernetwork was meta-trained
+    # on), ||W_champion - W_base|| / ||W_base|| over the edit scope, past which masks may misfire.
+    max_locator_drift: float = Field(0.05, ge=0)
+    drift_reference_size: int = Field(512, ge=16)  # training images: the feature reference
+    drift_alpha: float = Field(0.01, gt=0, lt=1)  # significance drawn on the drift plot
+    thumbnails_per_cluster: int = Field(8, ge=1)
 
 
 class Settings(Section):
@@ -298,6 +325,7 @@ class Settings(Section):
     gate: GateSettings = GateSettings()
     registry: RegistrySettings = RegistrySettings()
     nightly: NightlySettings = NightlySettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     profile: Literal["default", "quick", "micro"] = "default"
 
     @model_validator(mode="after")

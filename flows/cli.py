@@ -172,6 +172,17 @@ def _demo(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, settings: Settings) -> int:
+    from monitoring.dashboard import build_dashboard
+
+    built = build_dashboard(settings, log_to_mlflow=not args.no_mlflow)
+    logged = f" (MLflow run {built.run_id})" if built.run_id else ""
+    print(f"dashboard written to {built.path}{logged}")
+    for line in built.history.missing:
+        print(f"missing: {line}")
+    return 0
+
+
 def _add_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "step",
@@ -217,6 +228,12 @@ def _add_promote_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_rerun_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_id", help="the MLflow run id of the night")
+
+
+def _add_report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="write the page only; log nothing to MLflow"
+    )
 
 
 def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +297,11 @@ COMMANDS: dict[str, Command] = {
         "re-run a night from its recorded data version; check the weights hash reproduces",
         _rerun,
         _add_rerun_arguments,
+    ),
+    "report": Command(
+        "the monitoring dashboard: one HTML page over every night, edit and flag; logged to MLflow",
+        _report,
+        _add_report_arguments,
     ),
     "demo": Command(
         "build the embedded default (DVC-cached), then simulate and edit three nights",

@@ -14,7 +14,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from core.model import load_saved_model
-from core.settings import Settings
+from core.settings import Settings, load_settings
 from core.simulate import simulate
 from core.world import build_plan
 from flows import bootstrap
@@ -29,6 +29,23 @@ class DemoResult:
     build_seconds: float
     nights: list[NightResult]
     nights_seconds: float
+
+
+def sandbox_settings(
+    root: Path, artifacts: Path, params_path: Path, overrides: list[str] = ()
+) -> Settings:
+    """Settings whose production state (data, state, MLflow, reports, DVC remote) lives under
+    `root`, reading an existing build from `artifacts` (only read): for benchmarks of nights."""
+    folders = {
+        "artifacts": artifacts,
+        "data": root / "data",
+        "state": root / "state",
+        "mlruns": root / "mlruns",
+        "monitoring": root / "monitoring",
+        "dvc_remote": root / "dvc-remote",
+    }
+    paths = [f"paths.{name}={folder}" for name, folder in folders.items()]
+    return load_settings(params_path, [*paths, *overrides])
 
 
 def champion_folder(settings: Settings, scratch: Path) -> tuple[Path, int | None]:

@@ -7,7 +7,8 @@
    of a crashed night edits the same model) and download it;
 3. the ingest flow as a subflow (validation, quarantine, clusters, DVC data version);
 4. cache the base model's and the parent's predictions on the broad sample, the sensitive set
-   and clean validation data, once;
+   and clean validation data, once (kept under `state/cache/` by weights hash, so the base
+   model's and a champion judged on an earlier night are not run again);
 5. edit the ready clusters in id order on the running candidate (core/continual.py), append
    every accepted edit to the ledger;
 6. rebuild the candidate from base + ledger alone, judge it with the global gate, register it
@@ -26,12 +27,14 @@ import dataclasses
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -41,7 +44,6 @@ from safetensors.torch import load_file, save_file
 from core.continual import (
     ClusterOutcome,
     ClusterRequest,
-    LocalitySet,
     MakeEditor,
     candidate_figures,
     edit_clusters,
@@ -49,9 +51,9 @@ from core.continual import (
     predicted_classes,
     unit_mask,
 )
-from core.data import decode_image, load_images
+from core.data import decode_image, iter_batches, load_images
 from core.edit import MaskedEditor
-from core.errors import LedgerIntegrityError, RegistryError
+from core.errors import LedgerIntegrityError, RegistryError, RetouchError
 from core.gate import GateResult, global_gate
 from core.hypernet import HypernetLocator, load_hypernet
 from core.ledger import EditRecord, Ledger
@@ -70,7 +72,6 @@ logger = logging.getLogger(__name__)
 ARTIFACT_KEY = "nightly-edit"  # Prefect markdown artifact key: one history of night tables
 NIGHT_TAG = "night"  # MLflow tag naming the night of a night run
 READY = "ready"
-REFERENCE_SETS = ("broad", "sensitive")
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,13 @@ def night_folder(settings: Settings, night: str) -> Path:
     return settings.paths.state / "nights" / night
 
 
+def night_index(settings: Settings, night: str) -> int:
+    """1-based position of `night` among the nights started so far, in date order: the step of
+    its MLflow metrics (the dashboard counts nights the same way)."""
+    started = {path.name for path in (settings.paths.state / "nights").glob("*") if path.is_dir()}
+    return sorted(started | {night}).index(night) + 1
+
+
 def ledger_of(settings: Settings) -> Ledger:
     """The production edit ledger."""
     return Ledger(settings.paths.state / "ledger")
@@ -204,6 +212,59 @@ def reference_paths(settings: Settings) -> dict[str, Path]:
     }
 
 
+def clean_labels(path: Path) -> torch.Tensor:
+    """(N,) int64 labels of a clean image Parquet file, without decoding its images."""
+    labels = pq.read_table(path, columns=["label"]).column("label").to_numpy()
+    return torch.from_numpy(labels.astype("int64"))
+
+
+def cached_tensors(
+    settings: Settings, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """Tensors saved under `state/cache/<key>.safetensors`, computed and saved on first use.
+
+    `key` must hash everything the tensors depend on (weights, files, settings), so a hit is the
+    computation's result, bit for bit, without running it again.
+    """
+    path = settings.paths.state / "cache" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path))
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    save_file(tensors, str(partial))
+    partial.rename(path)
+    return tensors
+
+
+def cache_key(*parts: str) -> str:
+    """A short hash of the parts a cached result depends on."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def clean_predictions(
+    settings: Settings, model: torch.nn.Module, card: ModelCard
+) -> dict[str, torch.Tensor]:
+    """(N,) classes of `model` on each frozen clean set (`reference_paths`), by set name.
+
+    Cached by weights: the base model's are computed once, a champion's when it was judged as a
+    candidate, so a night usually runs only its candidate on these sets.
+    """
+    paths = reference_paths(settings)
+    batch = settings.nightly.inference_batch_size
+    key = cache_key(
+        "clean-predictions", weights_hash(model), str(batch), *map(file_version, paths.values())
+    )
+    return cached_tensors(
+        settings,
+        key,
+        lambda: {
+            name: predicted_classes(model, clean_set(path, card)[0], batch)
+            for name, path in paths.items()
+        },
+    )
+
+
 # ---------------------------------------------------------------- the editing stage
 
 
@@ -219,30 +280,69 @@ def hprd_editor(settings: Settings, base_model: torch.nn.Module) -> MakeEditor:
     return lambda rho, edit: MaskedEditor("hprd", scope, locator, rho, edit)
 
 
+def replay_images(settings: Settings, base_model: torch.nn.Module, card: ModelCard) -> torch.Tensor:
+    """The locality term's replay images (R, 3, S, S) (extension (a)): picked by the base model
+    from the first `nightly.replay_pool` training images (not gate sets), cached by its weights.
+    """
+    path, pool = world_dir(settings) / "train.parquet", settings.nightly.replay_pool
+    size, seed = settings.edit.replay_size, settings.edit.seed
+    key = cache_key("replay", weights_hash(base_model), file_version(path), f"{pool} {size} {seed}")
+
+    def pick() -> dict[str, torch.Tensor]:
+        parts, n_read = [], 0
+        for batch in iter_batches(path, pool):  # decode only the pool, not the whole file
+            parts.append(batch.images[: pool - n_read])
+            n_read += len(parts[-1])
+            if n_read >= pool:
+                break
+        pool_images = preprocess(torch.cat(parts), card)  # (pool, 3, S, S)
+        chosen = build_replay_batch(base_model, pool_images, size // 2, size - size // 2, seed)
+        return {"images": chosen.images}
+
+    return cached_tensors(settings, key, pick)["images"]
+
+
+def earlier_edit_samples(
+    settings: Settings, ledger_ids: list[str], flags: pd.DataFrame, card: ModelCard
+) -> list[torch.Tensor]:
+    """The first `nightly.retention_replay_per_edit` samples of each earlier edit ([(R, 3, S, S)]
+    or [] when there are none), from the night's flags (indexed by sample_id), for the replay
+    batch; lost samples are skipped (the global gate's retention check fails closed on them)."""
+    per_edit = settings.nightly.retention_replay_per_edit
+    ids = [i for r in map(ledger_of(settings).get, ledger_ids) for i in r.sample_ids[:per_edit]]
+    kept = [i for i in ids if i in flags.index]
+    if len(kept) < len(ids):
+        logger.warning("%d earlier edit samples are not in the flags", len(ids) - len(kept))
+    return [flag_images(flags.loc[kept, "image"].tolist(), card, "earlier edits")] if kept else []
+
+
 def run_edit_stage(
-    settings: Settings, parent_dir: Path, night_table: pd.DataFrame, flags: pd.DataFrame
+    settings: Settings,
+    parent_dir: Path,
+    night_table: pd.DataFrame,
+    flags: pd.DataFrame,
+    parent_ledger_ids: list[str],
 ) -> tuple[torch.nn.Module, list[ClusterRequest], list[ClusterOutcome]]:
     """Edit the night's ready clusters on the parent; shared by the night and its rerun.
+
+    The locality term's replay batch holds clean training images and samples of the parent's
+    edits (`parent_ledger_ids`), so a new edit keeps earlier fixes in place.
 
     Returns:
         The candidate (parent plus accepted deltas), the requests and their outcomes.
     """
-    base_model, _ = load_saved_model(base_dir(settings))
-    make_editor = hprd_editor(settings, base_model)
     model, card = load_saved_model(parent_dir)
     requests = cluster_requests(night_table, flags, card)
+    if not requests:  # nothing ready: the candidate is the parent
+        return model, requests, []
+    base_model, _ = load_saved_model(base_dir(settings))
+    make_editor = hprd_editor(settings, base_model)
     broad_images, _ = clean_set(reference_paths(settings)["broad"], card)
     night = settings.nightly
     replay = None
-    if settings.edit.locality_weight > 0:  # extension (a): from training data, not gate sets
-        train_images, _ = clean_set(world_dir(settings) / "train.parquet", card)
-        replay = build_replay_batch(
-            base_model,
-            train_images[: night.replay_pool],
-            settings.edit.replay_size // 2,
-            settings.edit.replay_size - settings.edit.replay_size // 2,
-            settings.edit.seed,
-        ).images
+    if settings.edit.locality_weight > 0:
+        earlier = earlier_edit_samples(settings, parent_ledger_ids, flags, card)
+        replay = torch.cat([replay_images(settings, base_model, card), *earlier])
     tries = fallback_tries(
         settings.edit, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
     )
@@ -344,15 +444,14 @@ def fetch_version(settings: Settings, version: int, destination: Path) -> Path:
 
 def write_references(settings: Settings, parent_dir: Path, folder: Path) -> Path:
     """Predictions of the base model and of the parent on the frozen clean sets, saved once."""
-    batch = settings.nightly.inference_batch_size
     base_model, card = load_saved_model(base_dir(settings))
     parent, _ = load_saved_model(parent_dir)
     tensors = {}
+    for owner, model in (("base", base_model), ("champion", parent)):
+        for name, predictions in clean_predictions(settings, model, card).items():
+            tensors[f"{name}/{owner}"] = predictions
     for name, path in reference_paths(settings).items():
-        images, labels = clean_set(path, card)
-        tensors[f"{name}/base"] = predicted_classes(base_model, images, batch)
-        tensors[f"{name}/champion"] = predicted_classes(parent, images, batch)
-        tensors[f"{name}/labels"] = labels
+        tensors[f"{name}/labels"] = clean_labels(path)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "references.safetensors"))
     return folder / "references.safetensors"
@@ -365,12 +464,19 @@ def cache_references(settings: Settings, parent_dir: Path, folder: Path) -> Path
 
 
 @task(cache_policy=NONE)
-def edit_night(settings: Settings, night: str, night_table: Path, parent_dir: Path) -> EditSummary:
+def edit_night(
+    settings: Settings,
+    night: str,
+    night_table: Path,
+    parent_dir: Path,
+    parent_ledger_ids: list[str],
+) -> EditSummary:
     """Edit the ready clusters, append accepted edits to the ledger, save the masks."""
     table = pd.read_parquet(night_table)
     flags = load_accepted(settings.paths.data, ["sample_id", "image", "true_index"])
+    flags = flags.drop_duplicates("sample_id").set_index("sample_id")
     model, requests, outcomes = run_edit_stage(
-        settings, parent_dir, table, flags.set_index("sample_id")
+        settings, parent_dir, table, flags, parent_ledger_ids
     )
     new_ids = iter(append_accepted(settings, night, requests, outcomes))
     rows = [cluster_row(o, next(new_ids) if o.accepted else "") for o in outcomes]
@@ -435,22 +541,10 @@ def judge(
 ) -> GateResult:
     """The global gate on a saved candidate against the cached reference predictions."""
     candidate, card = load_saved_model(candidate_dir)
-    cached = load_file(str(references))
-    paths = reference_paths(settings)
-    sets = {
-        name: LocalitySet(
-            clean_set(paths[name], card)[0], cached[f"{name}/base"], cached[f"{name}/champion"]
-        )
-        for name in REFERENCE_SETS
-    }
-    validation = clean_set(paths["validation"], card)
-    base_correct = cached["validation/base"] == cached["validation/labels"]
     figures = candidate_figures(
         candidate,
-        sets["broad"],
-        sets["sensitive"],
-        validation,
-        base_correct.double().mean().item(),
+        clean_predictions(settings, candidate, card),
+        load_file(str(references)),
         retention_sets(settings, ledger_ids, card),
         settings.nightly.inference_batch_size,
     )
@@ -594,7 +688,8 @@ def log_night(settings: Settings, result: NightResult, masks: Path, new_ids: lis
     (folder / "clusters.json").write_text(json.dumps([asdict(r) for r in result.clusters]))
     (folder / "settings.json").write_text(settings.model_dump_json(indent=1))
     now = int(datetime.now(UTC).timestamp() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in night_metrics(result).items()]
+    step = night_index(settings, result.night)
+    metrics = [Metric(k, v, now, step) for k, v in night_metrics(result).items()]
     params = [Param(k, v) for k, v in night_params(settings, result).items()]
     tags = {
         "candidate_version": str(result.candidate_version or ""),
@@ -663,6 +758,21 @@ def publish_night(settings: Settings, result: NightResult) -> NightResult:
         description=f"retouch night {result.night}",
     )
     return result
+
+
+@task(cache_policy=NONE)
+def publish_dashboard(settings: Settings) -> None:
+    """Rebuild the monitoring dashboard over every night so far and log it to MLflow.
+
+    The night is already recorded: a dashboard that cannot be logged is reported, not raised
+    (`retouch report` builds it again).
+    """
+    from monitoring.dashboard import build_dashboard  # monitoring reads this module's records
+
+    try:
+        build_dashboard(settings)
+    except RetouchError as exc:
+        logger.error("dashboard not built: %s; run `retouch report` once fixed", exc)
 
 
 def save_record(settings: Settings, result: NightResult) -> None:
@@ -734,8 +844,9 @@ def run_night(settings: Settings, night: str) -> NightResult:
     parent_dir = fetch_version(settings, parent, folder / "parent")
     ingested = ingest_flow(settings, parent_dir, base_dir(settings), date.fromisoformat(night))
     references = cache_references(settings, parent_dir, folder)
-    edits = edit_night(settings, night, ingested.clusters.table, parent_dir)
-    ledger_ids = version_ledger_ids(settings, parent) + edits.new_ids
+    parent_ledger_ids = version_ledger_ids(settings, parent)
+    edits = edit_night(settings, night, ingested.clusters.table, parent_dir, parent_ledger_ids)
+    ledger_ids = parent_ledger_ids + edits.new_ids
     result = _night_result(night, parent, ingested, edits, ledger_ids, hypernet_version)
     if edits.new_ids:
         provenance = (ingested.data_version or "", hypernet_version)
@@ -753,6 +864,8 @@ def run_night(settings: Settings, night: str) -> NightResult:
     result = publish_night(settings, result)
     log_night(settings, result, edits.masks, edits.new_ids)
     save_record(settings, result)
+    if settings.monitoring.after_night:
+        publish_dashboard(settings)
     return result
 
 

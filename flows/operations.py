@@ -214,8 +214,9 @@ def rerun(settings: Settings, run_id: str) -> RerunResult:
         ).read_text()
         night_settings = Settings.model_validate_json(recorded)
         table, flags = _night_data(night_settings.paths.data, night, version)
-        parent_dir = registry.load_version_folder(int(params["parent_version"]), Path(scratch))
-        model, _, _ = run_edit_stage(night_settings, parent_dir, table, flags)
+        parent = _version(registry, int(params["parent_version"]))
+        parent_dir = registry.load_version_folder(parent.version, Path(scratch))
+        model, _, _ = run_edit_stage(night_settings, parent_dir, table, flags, parent.ledger_ids)
     result = RerunResult(run_id, night, tags["candidate_hash"], weights_hash(model))
     logger.info("rerun of night %s: reproduced %s", night, result.reproduced)
     return result

@@ -28,7 +28,14 @@ GATE_FIGURES = (
 )
 
 
-def _cell(value: Any) -> str:
+class Raw(str):
+    """Cell content that is already HTML (a link, an image): `html_cell` writes it as is."""
+
+
+def html_cell(value: Any) -> str:
+    """A table cell's text: `-` for None, three decimals for floats, HTML-escaped."""
+    if isinstance(value, Raw):
+        return str(value)
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -36,9 +43,12 @@ def _cell(value: Any) -> str:
     return escape(str(value))
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """An HTML table (cells through `html_cell`); shared with the monitoring dashboard."""
     head = "".join(f"<th>{escape(name)}</th>" for name in header)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html_cell(v)}</td>" for v in row) + "</tr>" for row in rows
+    )
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -66,7 +76,7 @@ def _counts(record: Mapping[str, Any]) -> str:
         record["candidate_version"],
         "yes" if record["promoted"] else "no",
     ]
-    return _table(header, [row])
+    return html_table(header, [row])
 
 
 def _clusters(record: Mapping[str, Any]) -> str:
@@ -84,7 +94,7 @@ def _clusters(record: Mapping[str, Any]) -> str:
         ]
         for row in record["clusters"]
     ]
-    return _table(header, rows) if rows else "<p>No ready cluster tonight.</p>"
+    return html_table(header, rows) if rows else "<p>No ready cluster tonight.</p>"
 
 
 def _gate(record: Mapping[str, Any]) -> str:
@@ -96,7 +106,7 @@ def _gate(record: Mapping[str, Any]) -> str:
     figures = [[name, gate["figures"].get(name)] for name in GATE_FIGURES]
     return (
         f'<p class="{verdict}">Global gate: {"passed" if gate["passed"] else "failed"}</p>'
-        f"<ul>{reasons}</ul>{_table(['figure', 'value'], figures)}"
+        f"<ul>{reasons}</ul>{html_table(['figure', 'value'], figures)}"
     )
 
 

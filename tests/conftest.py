@@ -104,3 +104,13 @@ def micro_vit():
         return model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A real, temporary Prefect API (SQLite), started once for every test that runs flows."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

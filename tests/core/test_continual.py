@@ -8,7 +8,7 @@ import torch
 from core.baselines import SaliencyLocator
 from core.continual import (
     ClusterRequest,
-    LocalitySet,
+    LocalityProbe,
     candidate_figures,
     edit_cluster,
     edit_clusters,
@@ -16,7 +16,7 @@ from core.continual import (
     predicted_classes,
     unit_mask,
 )
-from core.edit import EditBatch, EditDelta, MaskedEditor
+from core.edit import EditBatch, EditDelta, MaskedEditor, ParamDelta, apply_delta
 from core.gate import retention_key
 from core.model import build_model, weights_hash
 from core.scope import build_scope
@@ -91,15 +91,47 @@ def test_rejected_cluster_leaves_no_trace_after_fallback(setup, micro_settings):
 
 
 def test_candidate_figures_name_every_gate_input(setup, micro_settings):
+    # Given cached references equal to the candidate's own clean predictions, and labels that
+    # make the base model right on half the validation images
     model, _, requests, clean = setup
     predictions = predicted_classes(model, clean, 8)
-    reference = LocalitySet(clean, predictions, predictions)
-    labels = torch.zeros(16, dtype=torch.int64)
+    own = {"broad": predictions, "sensitive": predictions, "validation": predictions}
+    labels = torch.where(torch.arange(16) < 8, predictions, (predictions + 1) % 4)
+    references = {f"{name}/{who}": predictions for name in own for who in ("base", "champion")}
+    references["validation/labels"] = labels
     retained = {"e1": (requests[0].edit_images, requests[0].edit_labels)}
-    figures = candidate_figures(model, reference, reference, (clean, labels), 0.5, retained, 8)
+
+    # When measuring the candidate
+    figures = candidate_figures(model, own, references, retained, 8)
+
+    # Then every gate input is there with the expected value
     assert figures["broad_locality_vs_base"] == figures["sensitive_locality_vs_champion"] == 1.0
     assert figures["n_broad"] == 16
+    assert figures["accuracy"] == figures["accuracy_base"] == 0.5
     assert figures[retention_key("e1")] == 0.0  # the unedited model gets them wrong
+
+
+def test_locality_probe_matches_the_full_forward_as_edits_settle(micro_vit):
+    # Given a micro ViT, clean images and a probe whose prefix is cached at block 2
+    model = micro_vit(head_std=0.3)
+    images = torch.randn(20, 3, 16, 16)
+    probe = LocalityProbe(images, 8)
+    later = ("blocks.2.mlp.fc1.weight",)
+    probe.predictions(model, later)
+
+    def delta(name: str) -> EditDelta:
+        weight = dict(model.named_parameters())[name]
+        return EditDelta({name: ParamDelta(None, 0, torch.randn_like(weight))}, {})
+
+    # When an edit in block 2 is kept, then one in block 0 is kept and settled
+    for name in (later[0], "blocks.0.mlp.fc1.weight"):
+        apply_delta(model, delta(name))
+        probe.settle(model, (name,))
+        full = predicted_classes(model, images, 8)
+
+        # Then the probe's predictions equal a full forward's for any later edit
+        assert torch.equal(probe.predictions(model, later), full)
+        assert torch.equal(probe.predictions(model, ()), full)
 
 
 def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vit):
@@ -131,7 +163,7 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
             request,
             lambda rho, s: Recording(),
             tries,
-            images,
+            LocalityProbe(images, 8),
             before,
             GateSettings(),
             0,
@@ -142,3 +174,33 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
     assert not seen[0].has_replay
     assert seen[1].has_replay
     assert torch.allclose(seen[1].replay_probs, model(images[:4]).softmax(1), atol=1e-6)
+
+
+def test_accepted_cluster_samples_join_the_replay_of_later_clusters(setup, micro_settings):
+    # Given an open gate, a replay batch of 4 clean images and an editor that records its batches
+    model, scope, requests, clean = setup
+    gate = micro_settings.gate.model_copy(
+        update={"cluster_min_locality": 0.0, "locality_confidence": None}
+    )
+    edit = micro_settings.edit.model_copy(update={"lr": 0.01, "locality_weight": 1.0})
+    seen: list[EditBatch] = []
+
+    def recording(rho, settings):
+        editor = saliency(scope)(rho, settings)
+
+        class Recording:
+            def edit(self, model, batch, *, seed):
+                seen.append(batch)
+                return editor.edit(model, batch, seed=seed)
+
+        return Recording()
+
+    # When both clusters are edited and accepted
+    outcomes = edit_clusters(
+        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, replay_images=clean[:4]
+    )
+    # Then the second cluster's replay holds the clean images plus the first cluster's samples
+    assert all(outcome.accepted for outcome in outcomes)
+    first = min(requests, key=lambda r: r.cluster_id)
+    assert torch.equal(seen[0].replay_images, clean[:4])
+    assert torch.equal(seen[1].replay_images, torch.cat([clean[:4], first.edit_images]))
