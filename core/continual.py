@@ -266,12 +266,15 @@ def edit_clusters(
     seed: int,
     batch_size: int,
     replay_images: torch.Tensor | None = None,
+    retention_per_edit: int = 0,
 ) -> list[ClusterOutcome]:
     """Edit every cluster in id order on the running candidate `model` (changed in place).
 
     The order is deterministic (sorted cluster ids), so the same night on the same champion
-    gives the same deltas and the same candidate bits. Each accepted cluster's edit samples join
-    `replay_images` for the clusters after it, so a later edit keeps earlier fixes right.
+    gives the same deltas and the same candidate bits. The first `retention_per_edit` edit
+    samples of each accepted cluster join `replay_images` for the clusters after it, so a later
+    edit keeps earlier fixes right (few per cluster: the replay's KL is a mean, and clean images
+    must keep most of its weight).
     """
     probe = LocalityProbe(locality_images, batch_size)
     before = probe.predictions(model, ())  # (N,)
@@ -292,7 +295,7 @@ def edit_clusters(
         outcomes.append(outcome)
         if outcome.accepted and replay_images is not None:
             # later clusters of the night keep this fix too (retention)
-            replay_images = torch.cat([replay_images, request.edit_images])
+            replay_images = torch.cat([replay_images, request.edit_images[:retention_per_edit]])
     return outcomes
 
 

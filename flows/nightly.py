@@ -356,6 +356,7 @@ def run_edit_stage(
         settings.edit.seed,
         night.inference_batch_size,
         replay,
+        night.retention_replay_per_edit,
     )
     return model, requests, outcomes
 

@@ -197,10 +197,10 @@ def test_accepted_cluster_samples_join_the_replay_of_later_clusters(setup, micro
 
     # When both clusters are edited and accepted
     outcomes = edit_clusters(
-        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, replay_images=clean[:4]
+        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, clean[:4], 2
     )
-    # Then the second cluster's replay holds the clean images plus the first cluster's samples
+    # Then the second cluster's replay holds the clean images plus 2 of the first one's samples
     assert all(outcome.accepted for outcome in outcomes)
     first = min(requests, key=lambda r: r.cluster_id)
     assert torch.equal(seen[0].replay_images, clean[:4])
-    assert torch.equal(seen[1].replay_images, torch.cat([clean[:4], first.edit_images]))
+    assert torch.equal(seen[1].replay_images, torch.cat([clean[:4], first.edit_images[:2]]))

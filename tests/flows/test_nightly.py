@@ -292,8 +292,9 @@ def test_crash_between_register_and_alias_then_rerun(tmp_path, micro_settings_fa
     parent_dir = fetch_version.fn(settings, parent, night_folder(settings, night) / "parent")
     ingested = ingest_flow(settings, parent_dir, bootstrap.base_dir(settings), NIGHT)
     references = cache_references.fn(settings, parent_dir, night_folder(settings, night))
-    edits = edit_night.fn(settings, night, ingested.clusters.table, parent_dir)
-    ids = version_ledger_ids.fn(settings, parent) + edits.new_ids
+    parent_ids = version_ledger_ids.fn(settings, parent)
+    edits = edit_night.fn(settings, night, ingested.clusters.table, parent_dir, parent_ids)
+    ids = parent_ids + edits.new_ids
     candidate = build_candidate.fn(settings, ids, edits.candidate_hash)
     decision = judge_candidate.fn(settings, candidate, references, ids)
     tags = VersionTags(
