@@ -127,10 +127,8 @@ class LocalityProbe:
         with eval_mode(model):
             cut = forward.first_block
             if cut not in self._prefixes:
-                batches = self.images.split(self.batch_size)
-                self._prefixes[cut] = torch.cat([forward.prefix(b) for b in batches])
-            cached = self._prefixes[cut].split(self.batch_size)
-            return torch.cat([forward.suffix(part, {}) for part in cached]).argmax(dim=1)
+                self._prefixes[cut] = forward.prefix_in_batches(self.images, self.batch_size)
+            return forward.classes(self._prefixes[cut], self.batch_size)
 
     def settle(self, model: nn.Module, touched: Sequence[str]) -> None:
         """`model` changed for good in `touched`: forget the prefixes that ran through them."""

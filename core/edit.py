@@ -362,6 +362,15 @@ class SplitForward:
             )
         return vit.forward_head(vit.norm(tokens))
 
+    def prefix_in_batches(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """`prefix` of `images`, `batch_size` at a time: what a cache of many images holds."""
+        return torch.cat([self.prefix(part) for part in images.split(batch_size)])
+
+    @torch.no_grad()
+    def classes(self, cached: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """(N,) classes of the model as it is now, from `prefix` output, in batches."""
+        return torch.cat([self.suffix(part, {}) for part in cached.split(batch_size)]).argmax(1)
+
 
 class DeltaParameterization(Protocol):
     """Trainable tensors and how they turn into edited weights and an `EditDelta`."""

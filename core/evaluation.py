@@ -362,17 +362,15 @@ class EditEvaluator:
         if forward.first_block not in self._prefixes:
             with eval_mode(self.model):
                 self._prefixes[forward.first_block] = {
-                    name: torch.cat([forward.prefix(b) for b in images.split(self.batch_size)])
+                    name: forward.prefix_in_batches(images, self.batch_size)
                     for name, images in self._sets().items()
                 }
         return self._prefixes[forward.first_block]
 
-    @torch.no_grad()
     def _predict(self, forward: SplitForward, cached: torch.Tensor) -> torch.Tensor:
         """(N,) predictions of the model as it is now, from cached prefix activations."""
         with eval_mode(self.model):
-            logits = [forward.suffix(part, {}) for part in cached.split(self.batch_size)]
-        return torch.cat(logits).argmax(1)
+            return forward.classes(cached, self.batch_size)
 
     def measure(self, delta: EditDelta, case: EditCase, k: int) -> Measurement:
         """Apply `delta`, measure SR / GR / LR / accuracy, restore the model bit for bit."""
