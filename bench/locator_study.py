@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from core.baselines import RandomLocator, SaliencyLocator
+from core.baselines import CleanSaliencyLocator, RandomLocator, SaliencyLocator
 from core.data import load_images
 from core.edit import Editor, Locator, MaskedEditor
 from core.evaluation import (
@@ -35,10 +36,10 @@ from core.evaluation import (
     summarize,
     window_name,
 )
-from core.hypernet import HypernetLocator, load_hypernet
+from core.hypernet import HypernetLocator, clean_unit_importance, load_hypernet
 from core.model import preprocess
 from core.replay import ReplayingEditor, build_replay_batch
-from core.scope import build_scope
+from core.scope import EditScope, build_scope
 from core.settings import load_settings
 from flows.benchmark import (
     ACCURACY_SET,
@@ -60,8 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hypernet", action="append", default=[], metavar="NAME=PATH")
     parser.add_argument("--cases", type=int, default=32)
     parser.add_argument(
-        "--baselines", default="saliency,random", help="'' to run only hypernetworks"
+        "--baselines",
+        default="saliency,random,clean-saliency",
+        help="'' to run only hypernetworks",
     )
+    parser.add_argument("--clean-exponent", type=float, default=0.5)
     parser.add_argument("--rhos", default="0.9,0.95")
     parser.add_argument("--ks", default="1,3")
     parser.add_argument("--lr", type=float, default=None, help="default: edit.lr")
@@ -72,12 +76,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def locators(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, Locator]:
-    """Baselines plus one HypernetLocator per --hypernet NAME=PATH."""
-    baselines = {"saliency": SaliencyLocator(), "random": RandomLocator()}
-    found: dict[str, Locator] = {
-        name: baselines[name] for name in args.baselines.split(",") if name
+def locators(
+    args: argparse.Namespace, model: torch.nn.Module, scope: EditScope, clean: torch.Tensor
+) -> dict[str, Locator]:
+    """Baselines plus one HypernetLocator per --hypernet NAME=PATH.
+
+    "clean-saliency" measures its clean importance on `clean`, the images extension (d) of a
+    hypernetwork measures it on (the first `hypernet.clean_images` training images).
+    """
+    baselines: dict[str, Callable[[], Locator]] = {
+        "saliency": SaliencyLocator,
+        "random": RandomLocator,
+        "clean-saliency": lambda: CleanSaliencyLocator(
+            torch.cat(clean_unit_importance(model, scope, clean)), args.clean_exponent
+        ),
     }
+    found = {name: baselines[name]() for name in args.baselines.split(",") if name}
     for spec in args.hypernet:
         name, path = spec.split("=", 1)
         found[name] = HypernetLocator(load_hypernet(Path(path), model))
@@ -96,12 +110,12 @@ def main() -> None:
     evaluator = EditEvaluator(inputs.model, inputs.groups, inputs.locality_sets, ACCURACY_SET, 256)
     # Replay images come from the training split: never from the sets locality is measured on.
     train = load_images(world_dir(settings) / "train.parquet")
-    replay = build_replay_batch(
-        inputs.model, preprocess(train.images[:5000], inputs.card), 32, 32, args.seed_replay
-    )
+    train_images = preprocess(train.images[:5000], inputs.card)
+    replay = build_replay_batch(inputs.model, train_images, 32, 32, args.seed_replay)
+    clean = train_images[: settings.hypernet.clean_images]
     variants = [("", 0.0)] + ([("+loc", args.locality_weight)] if args.locality_weight else [])
     jobs: list[tuple[Level, Editor]] = []
-    for name, locator in locators(args, inputs.model).items():
+    for name, locator in locators(args, inputs.model, scope, clean).items():
         for suffix, weight in variants:
             edit = settings.edit.model_copy(update={"lr": lr, "locality_weight": weight})
             for rho in (float(r) for r in args.rhos.split(",")):
@@ -119,7 +133,7 @@ def main() -> None:
     summary = summarize(rows, keys=("method", "level", "k"))
     write_csv(summary, args.out / "summary.csv")
     methods = {str(row["method"]) for row in rows}
-    baselines = [name for name in ("saliency", "random") if name in methods]
+    baselines = [name for name in ("saliency", "random", "clean-saliency") if name in methods]
     pairs = [(name, base) for name in sorted(methods - set(baselines)) for base in baselines]
     paired = paired_differences(
         rows, pairs, ["generalization", "locality_sensitive", "locality_broad"]

@@ -90,6 +90,29 @@ class SaliencyLocator:
 
 
 @dataclass(frozen=True)
+class CleanSaliencyLocator:
+    """Saliency divided by each unit's clean-data importance to a power (a heuristic of ours).
+
+    `clean_importance` is `core.hypernet.clean_unit_importance` of the base model, flattened:
+    units the clean predictions lean on rank lower, so at the same rho the edit moves fewer of
+    the weights clean images need. The fixed-rule counterpart of hypernet extension (d).
+    """
+
+    clean_importance: torch.Tensor  # (n_mask_entries,)
+    exponent: float = 0.5
+
+    def scores(self, model: nn.Module, scope: EditScope, batch: EditBatch) -> torch.Tensor:
+        """(n_mask_entries,) saliency / clean_importance ** exponent."""
+        if self.clean_importance.shape != (scope.n_mask_entries,):
+            raise EditError(
+                f"clean importance has shape {tuple(self.clean_importance.shape)}, the scope "
+                f"needs ({scope.n_mask_entries},); measure it on this model and scope"
+            )
+        saliency = SaliencyLocator().scores(model, scope, batch)
+        return saliency / self.clean_importance.clamp_min(1e-12) ** self.exponent
+
+
+@dataclass(frozen=True)
 class WeightPenalty:
     """FT-L1: c * ||W - W0||_1; FT-L2: c / 2 * ||W - W0||^2, summed over the edited matrices."""
 

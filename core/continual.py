@@ -198,6 +198,7 @@ def edit_cluster(
     seed: int,
     batch_size: int,
     replay_images: torch.Tensor | None = None,
+    retained: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ClusterOutcome, torch.Tensor]:
     """Edit one cluster on top of `model` (in place), keeping the edit only if its gate passes.
 
@@ -206,7 +207,8 @@ def edit_cluster(
     cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
     rejected cluster leaves no trace in `model`. With `replay_images` (clean images the gates do
     not measure on) and a try whose `locality_weight` is positive, the edit also keeps the
-    current model's predictions on them (extension (a)).
+    current model's predictions on them (extension (a)); `retained` (images, labels) of earlier
+    edits go with it, held right by the try's `retention_weight`.
 
     Returns:
         The outcome and the (N,) locality-set predictions of `model` after the call.
@@ -219,7 +221,9 @@ def edit_cluster(
     replayed = plain
     if replay_images is not None and len(replay_images):
         probs = predict_logits(model, replay_images, batch_size).softmax(dim=1)  # (R, C)
-        replayed = EditBatch(request.edit_images, request.edit_labels, replay_images, probs)
+        replayed = EditBatch(
+            request.edit_images, request.edit_labels, replay_images, probs, *(retained or ())
+        )
     attempts: list[Attempt] = []
     for rho, settings in tries:
         batch = replayed if settings.locality_weight > 0 else plain
@@ -264,15 +268,15 @@ def edit_clusters(
     seed: int,
     batch_size: int,
     replay_images: torch.Tensor | None = None,
+    retained: tuple[torch.Tensor, torch.Tensor] | None = None,
     retention_per_edit: int = 0,
 ) -> list[ClusterOutcome]:
     """Edit every cluster in id order on the running candidate `model` (changed in place).
 
     The order is deterministic (sorted cluster ids), so the same night on the same champion
-    gives the same deltas and the same candidate bits. The first `retention_per_edit` edit
-    samples of each accepted cluster join `replay_images` for the clusters after it, so a later
-    edit keeps earlier fixes right (few per cluster: the replay's KL is a mean, and clean images
-    must keep most of its weight).
+    gives the same deltas and the same candidate bits. `retained` holds samples (images, labels)
+    of earlier nights' edits; the first `retention_per_edit` edit samples of each cluster
+    accepted tonight join them for the clusters after it, so a later edit keeps earlier fixes.
     """
     probe = LocalityProbe(locality_images, batch_size)
     before = probe.predictions(model, ())  # (N,)
@@ -289,11 +293,18 @@ def edit_clusters(
             seed,
             batch_size,
             replay_images,
+            retained,
         )
         outcomes.append(outcome)
-        if outcome.accepted and replay_images is not None:
+        if outcome.accepted and retention_per_edit:
             # later clusters of the night keep this fix too (retention)
-            replay_images = torch.cat([replay_images, request.edit_images[:retention_per_edit]])
+            fixed = (
+                request.edit_images[:retention_per_edit],
+                request.edit_labels[:retention_per_edit],
+            )
+            if retained is not None:
+                fixed = (torch.cat([retained[0], fixed[0]]), torch.cat([retained[1], fixed[1]]))
+            retained = fixed
     return outcomes
 
 

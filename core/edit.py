@@ -41,7 +41,7 @@ IMAGE_CHANNELS = 3  # the data contract: RGB images
 
 @dataclass(frozen=True)
 class EditBatch:
-    """One edit request: the edit samples and, optionally, a replay batch to keep still.
+    """One edit request: the edit samples and, optionally, what the edit must leave in place.
 
     Attributes:
         images: (k, 3, S, S) float, already preprocessed for the model.
@@ -49,12 +49,16 @@ class EditBatch:
         replay_images: (R, 3, S, S) float clean images whose predictions should not move.
         replay_probs: (R, C) the pre-edit model's probabilities on `replay_images`: the targets
             of the locality term.
+        retain_images: (m, 3, S, S) float samples of earlier edits, which must stay right.
+        retain_labels: (m,) int64 their labels.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     replay_images: torch.Tensor | None = None
     replay_probs: torch.Tensor | None = None
+    retain_images: torch.Tensor | None = None
+    retain_labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         """Checks that need no model: non-empty, float images, one int64 label per image."""
@@ -67,11 +71,7 @@ class EditBatch:
             raise EditError(
                 "edit batch images must be float; preprocess them with core.model.preprocess"
             )
-        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
-            raise EditError(
-                f"edit batch labels must be int64 of shape ({self.images.shape[0]},), "
-                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
-            )
+        _check_labels("edit batch", self.images, self.labels)
         if (self.replay_images is None) != (self.replay_probs is None):
             raise EditError("pass replay_images and replay_probs together, or neither")
         if (
@@ -82,11 +82,20 @@ class EditBatch:
                 f"{self.replay_images.shape[0]} replay images but {self.replay_probs.shape[0]} "
                 "rows of replay_probs; give one probability row per replay image"
             )
+        if (self.retain_images is None) != (self.retain_labels is None):
+            raise EditError("pass retain_images and retain_labels together, or neither")
+        if self.retain_images is not None:
+            _check_labels("retained samples'", self.retain_images, self.retain_labels)
 
     @property
     def has_replay(self) -> bool:
         """Whether a non-empty replay batch came with the request."""
         return self.replay_images is not None and self.replay_images.shape[0] > 0
+
+    @property
+    def has_retained(self) -> bool:
+        """Whether earlier edits' samples came with the request."""
+        return self.retain_images is not None and self.retain_images.shape[0] > 0
 
     def check(self, num_classes: int, input_size: int | None) -> None:
         """Check the batch against the model it will edit.
@@ -99,13 +108,21 @@ class EditBatch:
         Raises:
             EditError: a label is out of range, or an image has the wrong channels or size.
         """
-        bad = (self.labels < 0) | (self.labels >= num_classes)
-        if bool(bad.any()):
-            raise EditError(
-                f"edit labels {self.labels[bad].tolist()} outside [0, {num_classes}); "
-                "use the model card's class indices"
-            )
-        for name, images in (("images", self.images), ("replay_images", self.replay_images)):
+        for what, labels in (("edit", self.labels), ("retained", self.retain_labels)):
+            if labels is None:
+                continue
+            bad = (labels < 0) | (labels >= num_classes)
+            if bool(bad.any()):
+                raise EditError(
+                    f"{what} labels {labels[bad].tolist()} outside [0, {num_classes}); "
+                    "use the model card's class indices"
+                )
+        named = (
+            ("images", self.images),
+            ("replay_images", self.replay_images),
+            ("retain_images", self.retain_images),
+        )
+        for name, images in named:
             if images is None:
                 continue
             side = input_size or images.shape[-1]
@@ -118,6 +135,15 @@ class EditBatch:
             raise EditError(
                 f"replay_probs has {self.replay_probs.shape[1]} classes, the model {num_classes}"
             )
+
+
+def _check_labels(what: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One int64 label per image."""
+    if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
+        raise EditError(
+            f"{what} labels must be int64 of shape ({images.shape[0]},), "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
 
 
 def input_spec(model: nn.Module) -> tuple[int, int | None]:
@@ -447,21 +473,74 @@ def _uses_replay(batch: EditBatch, settings: EditSettings) -> bool:
     return settings.locality_weight > 0 and batch.has_replay
 
 
-def _objective(
-    logits: torch.Tensor, batch: EditBatch, settings: EditSettings
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(total loss, edit CE, edit done?) from logits over edit then replay images."""
-    k = batch.labels.shape[0]
-    edit_logits = logits[:k]  # (k, C)
-    ce = F.cross_entropy(edit_logits, batch.labels)
-    done = bool((edit_logits.argmax(1) == batch.labels).all()) and ce.item() <= settings.ce_stop
-    loss = ce
-    if _uses_replay(batch, settings):
-        log_q = F.log_softmax(logits[k:], dim=1)  # (R, C)
-        loss = loss + settings.locality_weight * F.kl_div(
-            log_q, batch.replay_probs, reduction="batchmean"
-        )
-    return loss, ce, done
+def _uses_retained(batch: EditBatch, settings: EditSettings) -> bool:
+    """Whether the retention term is on: a positive weight and earlier edits' samples."""
+    return settings.retention_weight > 0 and batch.has_retained
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The fine-tuning loss over one stacked image batch: edit samples, then retained samples,
+    then replay images (each block present only when its term is on)."""
+
+    batch: EditBatch
+    settings: EditSettings
+
+    @property
+    def n_edit(self) -> int:
+        return self.batch.labels.shape[0]
+
+    @property
+    def n_retained(self) -> int:
+        return self.batch.retain_labels.shape[0] if _uses_retained(self.batch, self.settings) else 0
+
+    def images(self) -> torch.Tensor:
+        """(k + m + R, 3, S, S): what the prefix cache holds."""
+        parts = [self.batch.images]
+        if self.n_retained:
+            parts.append(self.batch.retain_images)
+        if _uses_replay(self.batch, self.settings):
+            parts.append(self.batch.replay_images)
+        return torch.cat(parts)
+
+    def replay_rows(self) -> torch.Tensor | None:
+        """Replay rows for this step: all of them, or a fresh random `replay_batch_size`."""
+        if not _uses_replay(self.batch, self.settings):
+            return None
+        n_replay, size = self.batch.replay_images.shape[0], self.settings.replay_batch_size
+        if 0 < size < n_replay:
+            return torch.randperm(n_replay)[:size]
+        return torch.arange(n_replay)
+
+    def step_rows(self, replay_rows: torch.Tensor | None) -> torch.Tensor:
+        """Rows of `images()` one step runs on."""
+        fixed = torch.arange(self.n_edit + self.n_retained)
+        if replay_rows is None:
+            return fixed
+        return torch.cat([fixed, self.n_edit + self.n_retained + replay_rows])
+
+    def __call__(
+        self, logits: torch.Tensor, replay_rows: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(total loss, edit CE, done?) from the logits of `step_rows(replay_rows)`; done = every
+        edit (and retained) sample right and the edit CE at most `ce_stop`."""
+        k, m, settings = self.n_edit, self.n_retained, self.settings
+        edit_logits = logits[:k]  # (k, C)
+        ce = F.cross_entropy(edit_logits, self.batch.labels)
+        right = bool((edit_logits.argmax(1) == self.batch.labels).all())
+        loss = ce
+        if m:
+            retained_logits = logits[k : k + m]  # (m, C)
+            right = right and bool((retained_logits.argmax(1) == self.batch.retain_labels).all())
+            loss = loss + settings.retention_weight * F.cross_entropy(
+                retained_logits, self.batch.retain_labels
+            )
+        if replay_rows is not None:
+            log_q = F.log_softmax(logits[k + m :], dim=1)  # (r, C)
+            loss = loss + settings.locality_weight * F.kl_div(
+                log_q, self.batch.replay_probs[replay_rows], reduction="batchmean"
+            )
+        return loss, ce, right and ce.item() <= settings.ce_stop
 
 
 def fit_delta(
@@ -474,24 +553,25 @@ def fit_delta(
     """Train `delta` with RMSprop until every edit sample is right and CE <= ce_stop.
 
     The objective is CE on the edit samples, plus `locality_weight * KL(replay_probs ||
-    p_edited(replay))` when a replay batch is given (extension (a), see `masked_finetune`), plus
-    `penalty(delta.deltas())`. Gradients go only to `delta.trainables` (`autograd.grad`, so the
-    model's own `.grad` fields stay untouched); the model runs in eval mode and gets its mode back.
-    Losses hold the edit CE before each step and at the end (`steps + 1` values).
+    p_edited(replay))` when a replay batch is given (extension (a), see `masked_finetune`; over a
+    fresh random `replay_batch_size` of it each step when that is set), plus `retention_weight *
+    CE` on earlier edits' samples when given, plus `penalty(delta.deltas())`. Gradients go only
+    to `delta.trainables` (`autograd.grad`, so the model's own `.grad` fields stay untouched);
+    the model runs in eval mode and gets its mode back. Losses hold the edit CE before each step
+    and at the end (`steps + 1` values).
     """
-    images = batch.images  # (k, 3, S, S), then the replay images when the term is on
-    if _uses_replay(batch, settings):
-        images = torch.cat([batch.images, batch.replay_images])
+    objective = _Objective(batch, settings)
     forward = SplitForward(model, list(delta.edited_weights()))
     optimizer = torch.optim.RMSprop(delta.trainables, lr=settings.lr)
     losses: list[float] = []
     with eval_mode(model):
-        cached = forward.prefix(images)  # computed once: the prefix is frozen
+        cached = forward.prefix(objective.images())  # computed once: the prefix is frozen
         step = 0
         while True:
-            loss, ce, done = _objective(
-                forward.suffix(cached, delta.edited_weights()), batch, settings
-            )
+            replay_rows = objective.replay_rows()
+            rows = cached[objective.step_rows(replay_rows)]
+            logits = forward.suffix(rows, delta.edited_weights())
+            loss, ce, done = objective(logits, replay_rows)
             if penalty is not None:
                 loss = loss + penalty(delta.deltas())
             losses.append(round(ce.item(), 6))

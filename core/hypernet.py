@@ -2,7 +2,8 @@
 
 Owns `MaskHypernet` (frozen base model's CLS feature -> soft mask over the scope's hidden units),
 `HypernetLocator` (the Locator protocol of core/edit.py on top of it), the per-unit gradient
-statistics of extension (c), and checkpoint I/O that ties a hypernetwork to the weights of the base
+statistics of extension (c), the per-unit clean-data importance of extension (d), and checkpoint
+I/O that ties a hypernetwork to the weights of the base
 model it was meta-trained on: a meta-learned locator does not transfer across base models
 (method.md section 6), so loading it beside another model is refused.
 """
@@ -23,7 +24,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from core.errors import CheckpointMismatch, ConfigError, EditError, ModelError
-from core.model import pooled_features, weights_hash
+from core.model import pooled_features, predict_logits, weights_hash
 from core.scope import EditScope, build_scope
 from core.settings import HypernetSettings
 
@@ -49,6 +50,12 @@ class MaskHypernet(nn.Module):
     Linear(H_i -> D) projection of the edit sample's normalised per-unit gradient magnitudes of
     its matrix (`unit_gradient_stats`), and the logits get a learned-gain skip of their log, so
     the locator starts at one-gradient saliency and learns to refine it.
+
+    Extension (d), on when `settings.inputs` also holds "clean": the skip also subtracts a
+    learned power (starting at `clean_exponent`) of the log of each unit's importance on clean
+    images (`clean_importance`, a buffer set by `build_hypernet` from the base model), so the
+    locator starts at saliency divided by clean importance: units the clean data leans on are
+    edited last.
     """
 
     def __init__(self, feature_dim: int, scope: EditScope, settings: HypernetSettings) -> None:
@@ -70,6 +77,11 @@ class MaskHypernet(nn.Module):
             )
         if "cls" not in settings.inputs:
             raise ConfigError(f"hypernet.inputs={list(settings.inputs)} must contain 'cls'")
+        if "clean" in settings.inputs and "grad" not in settings.inputs:
+            raise ConfigError(
+                f"hypernet.inputs={list(settings.inputs)}: 'clean' scales the gradient skip, "
+                "so it needs 'grad' too"
+            )
         self.settings = settings
         self.feature_dim = feature_dim
         self.scope_blocks = scope.blocks
@@ -100,11 +112,20 @@ class MaskHypernet(nn.Module):
             for head in self.heads:
                 nn.init.zeros_(head.weight)
                 nn.init.zeros_(head.bias)
+        if self.reads_clean_importance:
+            exponents = torch.full((len(self.mask_widths),), settings.clean_exponent)
+            self.clean_gain = nn.Parameter(exponents)
+            self.register_buffer("clean_importance", torch.ones(scope.n_mask_entries))
 
     @property
     def reads_gradients(self) -> bool:
         """Whether extension (c) is on: forward needs per-unit gradient statistics."""
         return "grad" in self.settings.inputs
+
+    @property
+    def reads_clean_importance(self) -> bool:
+        """Whether extension (d) is on: the skip is divided by clean-data unit importance."""
+        return "clean" in self.settings.inputs
 
     def forward(
         self, features: torch.Tensor, unit_gradients: Sequence[torch.Tensor] | None = None
@@ -142,6 +163,12 @@ class MaskHypernet(nn.Module):
                 logits + self.gradient_gain[q] * torch.log(grad + GRADIENT_FLOOR)
                 for q, (logits, grad) in enumerate(zip(per_matrix, unit_gradients, strict=True))
             ]
+        if self.reads_clean_importance:
+            clean = torch.split(self.clean_importance, self.mask_widths)  # (H_q,) each
+            per_matrix = [
+                logits - self.clean_gain[q] * torch.log(clean[q] + GRADIENT_FLOOR)
+                for q, logits in enumerate(per_matrix)
+            ]
         logits = torch.cat(per_matrix, dim=-1)  # (B, n)
         mask = torch.sigmoid(self.settings.mask_temperature * logits)
         return mask.clamp(self.settings.clamp, 1 - self.settings.clamp)
@@ -158,12 +185,29 @@ def feature_width(model: nn.Module) -> int:
 
 
 def build_hypernet(
-    model: nn.Module, scope: EditScope, settings: HypernetSettings, seed: int
+    model: nn.Module,
+    scope: EditScope,
+    settings: HypernetSettings,
+    seed: int,
+    clean_images: torch.Tensor | None = None,
 ) -> MaskHypernet:
-    """A freshly initialised hypernetwork for `model` and `scope`, seeded (global RNG untouched)."""
+    """A freshly initialised hypernetwork for `model` and `scope`, seeded (global RNG untouched).
+
+    With extension (d) on, its `clean_importance` is measured on the first
+    `settings.clean_images` of `clean_images` (preprocessed, (N, 3, S, S)).
+
+    Raises:
+        ConfigError: extension (d) is on and no clean images were given.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MaskHypernet(feature_width(model), scope, settings)
+        hypernet = MaskHypernet(feature_width(model), scope, settings)
+    if hypernet.reads_clean_importance:
+        if clean_images is None or not len(clean_images):
+            raise ConfigError("hypernet.inputs has 'clean': pass clean images to build_hypernet")
+        importance = clean_unit_importance(model, scope, clean_images[: settings.clean_images])
+        hypernet.clean_importance.copy_(torch.cat(importance))
+    return hypernet
 
 
 def unit_gradient_stats(
@@ -206,6 +250,20 @@ def sample_unit_gradients(
         for j, name in enumerate(scope.param_names)
     }
     return unit_gradient_stats(scope, stacked)
+
+
+def clean_unit_importance(
+    model: nn.Module, scope: EditScope, images: torch.Tensor
+) -> list[torch.Tensor]:
+    """How much clean data leans on each hidden unit (extension (d)): one (H_i,) per matrix.
+
+    The root mean square over `images` of `unit_gradient_stats` of the cross-entropy on the
+    model's own prediction: a unit whose weights move the clean predictions a lot is a unit an
+    edit should touch last. Per-sample normalisation keeps every image's vote equal.
+    """
+    predicted = predict_logits(model, images).argmax(dim=1)  # (N,)
+    per_sample = sample_unit_gradients(model, scope, images, predicted)  # (N, H_i) each
+    return [stats.pow(2).mean(dim=0).sqrt() for stats in per_sample]
 
 
 class HypernetLocator:

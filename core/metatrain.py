@@ -655,8 +655,9 @@ def _new_state(
     scope: EditScope,
     settings: MetatrainSettings,
     hypernet_settings: HypernetSettings,
+    clean_images: torch.Tensor,
 ) -> _TrainingState:
-    hypernet = build_hypernet(base_model, scope, hypernet_settings, settings.seed)
+    hypernet = build_hypernet(base_model, scope, hypernet_settings, settings.seed, clean_images)
     optimizer = torch.optim.RMSprop(hypernet.parameters(), lr=settings.distill_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=settings.iterations)
     return _TrainingState(hypernet, optimizer, scheduler, history=[])
@@ -868,7 +869,7 @@ def metatrain(
     split = frozen_split(base_model, scope)
     split.model.to(clean_images_float.device)
     identity = _run_identity(weights_hash(base_model), scope, settings, hypernet_settings)
-    state = _new_state(base_model, scope, settings, hypernet_settings)
+    state = _new_state(base_model, scope, settings, hypernet_settings, clean_images_float)
     state.hypernet.to(clean_images_float.device)
     resumed_from = _resume(folder, state, identity)
     progress = tqdm(

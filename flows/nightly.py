@@ -304,16 +304,19 @@ def replay_images(settings: Settings, base_model: torch.nn.Module, card: ModelCa
 
 def earlier_edit_samples(
     settings: Settings, ledger_ids: list[str], flags: pd.DataFrame, card: ModelCard
-) -> list[torch.Tensor]:
-    """The first `nightly.retention_replay_per_edit` samples of each earlier edit ([(R, 3, S, S)]
-    or [] when there are none), from the night's flags (indexed by sample_id), for the replay
-    batch; lost samples are skipped (the global gate's retention check fails closed on them)."""
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The first `nightly.retention_replay_per_edit` samples of each earlier edit, as images
+    (m, 3, S, S) and labels (m,) from the night's flags (indexed by sample_id), or None when there
+    are none; lost samples are skipped (the global gate's retention check fails closed on them)."""
     per_edit = settings.nightly.retention_replay_per_edit
     ids = [i for r in map(ledger_of(settings).get, ledger_ids) for i in r.sample_ids[:per_edit]]
     kept = [i for i in ids if i in flags.index]
     if len(kept) < len(ids):
         logger.warning("%d earlier edit samples are not in the flags", len(ids) - len(kept))
-    return [flag_images(flags.loc[kept, "image"].tolist(), card, "earlier edits")] if kept else []
+    if not kept:
+        return None
+    labels = torch.tensor(flags.loc[kept, "true_index"].to_numpy(), dtype=torch.int64)
+    return flag_images(flags.loc[kept, "image"].tolist(), card, "earlier edits"), labels
 
 
 def run_edit_stage(
@@ -325,8 +328,8 @@ def run_edit_stage(
 ) -> tuple[torch.nn.Module, list[ClusterRequest], list[ClusterOutcome]]:
     """Edit the night's ready clusters on the parent; shared by the night and its rerun.
 
-    The locality term's replay batch holds clean training images and samples of the parent's
-    edits (`parent_ledger_ids`), so a new edit keeps earlier fixes in place.
+    The locality term's replay batch holds clean training images; samples of the parent's edits
+    (`parent_ledger_ids`) go with it, so a new edit keeps earlier fixes in place.
 
     Returns:
         The candidate (parent plus accepted deltas), the requests and their outcomes.
@@ -339,10 +342,10 @@ def run_edit_stage(
     make_editor = hprd_editor(settings, base_model)
     broad_images, _ = clean_set(reference_paths(settings)["broad"], card)
     night = settings.nightly
-    replay = None
+    replay, retained = None, None
     if settings.edit.locality_weight > 0:
-        earlier = earlier_edit_samples(settings, parent_ledger_ids, flags, card)
-        replay = torch.cat([replay_images(settings, base_model, card), *earlier])
+        replay = replay_images(settings, base_model, card)
+        retained = earlier_edit_samples(settings, parent_ledger_ids, flags, card)
     tries = fallback_tries(
         settings.edit, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
     )
@@ -356,6 +359,7 @@ def run_edit_stage(
         settings.edit.seed,
         night.inference_batch_size,
         replay,
+        retained,
         night.retention_replay_per_edit,
     )
     return model, requests, outcomes

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.baselines import EDITORS, FullLocator, RandomLocator, SaliencyLocator, WeightPenalty
+from core.baselines import (
+    EDITORS,
+    CleanSaliencyLocator,
+    FullLocator,
+    RandomLocator,
+    SaliencyLocator,
+    WeightPenalty,
+)
 from core.edit import EditBatch, EditDelta, apply_delta, topk_mask
 from core.errors import EditError
 from core.scope import build_scope
@@ -180,3 +187,23 @@ def test_masked_editors_edit_a_convnext_through_the_full_forward():
     apply_delta(convnext, delta)
     with torch.no_grad():
         assert convnext(image).argmax(1).item() == label.item()
+
+
+def test_clean_saliency_is_saliency_when_clean_importance_is_flat(model, batch):
+    scope = build_scope(model, [1, 2])
+    flat = CleanSaliencyLocator(torch.full((scope.n_mask_entries,), 2.0), exponent=1.0)
+    saliency = SaliencyLocator().scores(model, scope, batch)
+    assert torch.allclose(flat.scores(model, scope, batch), saliency / 2.0)
+
+
+def test_clean_saliency_demotes_units_clean_data_leans_on(model, batch):
+    # Given clean importance that is huge for the unit saliency ranks first
+    scope = build_scope(model, [1, 2])
+    saliency = SaliencyLocator().scores(model, scope, batch)
+    importance = torch.ones(scope.n_mask_entries)
+    importance[saliency.argmax()] = 1e6
+    # When the clean-saliency locator scores the same edit, then that unit is no longer first
+    scores = CleanSaliencyLocator(importance, exponent=0.5).scores(model, scope, batch)
+    assert scores.argmax() != saliency.argmax()
+    with pytest.raises(EditError, match="clean importance has shape"):
+        CleanSaliencyLocator(torch.ones(3)).scores(model, scope, batch)

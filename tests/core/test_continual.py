@@ -176,8 +176,9 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
     assert torch.allclose(seen[1].replay_probs, model(images[:4]).softmax(1), atol=1e-6)
 
 
-def test_accepted_cluster_samples_join_the_replay_of_later_clusters(setup, micro_settings):
-    # Given an open gate, a replay batch of 4 clean images and an editor that records its batches
+def test_accepted_cluster_samples_are_retained_by_later_clusters(setup, micro_settings):
+    # Given an open gate, a replay batch of 4 clean images, one retained sample of an earlier
+    # night, and an editor that records its batches
     model, scope, requests, clean = setup
     gate = micro_settings.gate.model_copy(
         update={"cluster_min_locality": 0.0, "locality_confidence": None}
@@ -196,11 +197,14 @@ def test_accepted_cluster_samples_join_the_replay_of_later_clusters(setup, micro
         return Recording()
 
     # When both clusters are edited and accepted
+    earlier = (clean[4:5], torch.tensor([3]))
     outcomes = edit_clusters(
-        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, clean[:4], 2
+        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, clean[:4], earlier, 2
     )
-    # Then the second cluster's replay holds the clean images plus 2 of the first one's samples
+    # Then both see the same clean replay; the second also retains 2 of the first one's samples
     assert all(outcome.accepted for outcome in outcomes)
     first = min(requests, key=lambda r: r.cluster_id)
-    assert torch.equal(seen[0].replay_images, clean[:4])
-    assert torch.equal(seen[1].replay_images, torch.cat([clean[:4], first.edit_images[:2]]))
+    assert all(torch.equal(batch.replay_images, clean[:4]) for batch in seen)
+    assert torch.equal(seen[0].retain_images, clean[4:5])
+    assert torch.equal(seen[1].retain_images, torch.cat([clean[4:5], first.edit_images[:2]]))
+    assert torch.equal(seen[1].retain_labels, torch.cat([earlier[1], first.edit_labels[:2]]))

@@ -78,6 +78,21 @@ def test_replay_images_need_their_probabilities():
         )
 
 
+def test_retained_samples_need_int64_labels_of_their_own():
+    images, labels = torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.int64)
+    with pytest.raises(EditError, match="together"):
+        EditBatch(images, labels, retain_images=images)
+    with pytest.raises(EditError, match="retained"):
+        EditBatch(images, labels, retain_images=images, retain_labels=labels.int())
+
+
+def test_retained_labels_outside_the_classes_are_refused(model, scope):
+    images, labels = torch.zeros(1, 3, 16, 16), torch.zeros(1, dtype=torch.int64)
+    batch = EditBatch(images, labels, retain_images=images, retain_labels=torch.tensor([9]))
+    with pytest.raises(EditError, match="retained labels"):
+        MaskedEditor("random", scope, _Ones(), 0.5, SETTINGS).edit(model, batch, seed=0)
+
+
 @pytest.mark.parametrize(
     ("images", "labels", "message"),
     [
@@ -210,6 +225,54 @@ def test_locality_term_keeps_replay_predictions_closer(model, scope):
         ).item()
     # Then the replay predictions drift less with the term
     assert drift[10.0] < drift[0.0]
+
+
+def test_retention_term_keeps_earlier_fixes_right(model, scope):
+    # Given an edit and 8 earlier-edit samples labelled with what the model predicts now
+    batch = wrong_batch(model, k=4, seed=3)
+    kept = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        kept_labels = model(kept).argmax(1)
+    retaining = EditBatch(batch.images, batch.labels, retain_images=kept, retain_labels=kept_labels)
+    mask = torch.ones(scope.n_mask_entries, dtype=torch.bool)
+    loss = {}
+    for weight in (0.0, 10.0):
+        settings = EditSettings(lr=1e-2, max_steps=30, retention_weight=weight)
+        # When it is edited without and with the retention term
+        edited = copy.deepcopy(model)
+        apply_delta(edited, masked_finetune(model, scope, mask, retaining, settings))
+        with torch.no_grad():
+            loss[weight] = torch.nn.functional.cross_entropy(edited(kept), kept_labels).item()
+    # Then the earlier samples keep a lower loss on their labels with the term
+    assert loss[10.0] < loss[0.0]
+
+
+def test_replay_drawn_per_step_is_seeded_and_still_keeps_predictions(model, scope):
+    # Given an edit with 32 replay images, of which each step sees a random 4
+    batch = wrong_batch(model)
+    replay = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        replay_probs = model(replay).softmax(1)
+    with_replay = EditBatch(batch.images, batch.labels, replay, replay_probs)
+    drift, params = {}, {}
+    for weight, seed in ((0.0, 0), (10.0, 0), (10.0, 0), (10.0, 1)):
+        settings = EditSettings(lr=1e-2, max_steps=30, locality_weight=weight, replay_batch_size=4)
+        editor = MaskedEditor("random", scope, _Ones(), 0.5, settings)
+        # When it is edited without the term, and with it twice at seed 0 and once at seed 1
+        delta = editor.edit(model, with_replay, seed=seed)
+        edited = copy.deepcopy(model)
+        apply_delta(edited, delta)
+        with torch.no_grad():
+            log_q = edited(replay).log_softmax(1)
+        drift[weight] = torch.nn.functional.kl_div(log_q, replay_probs, reduction="batchmean")
+        params.setdefault((weight, seed), []).append(delta.params)
+    # Then the sampled term still keeps the replay predictions closer, the same seed gives the
+    # same delta to the bit and another seed draws other images
+    assert drift[10.0] < drift[0.0]
+    first, again = params[(10.0, 0)]
+    other = params[(10.0, 1)][0]
+    assert all(torch.equal(first[n].values, again[n].values) for n in first)
+    assert not all(torch.equal(first[n].values, other[n].values) for n in first)
 
 
 def test_unit_mask_of_the_wrong_shape_is_rejected(model, scope):

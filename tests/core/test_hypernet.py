@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from core.edit import EditBatch
-from core.errors import CheckpointMismatch, EditError, ModelError
+from core.errors import CheckpointMismatch, ConfigError, EditError, ModelError
 from core.hypernet import (
     HypernetLocator,
     MaskHypernet,
     build_hypernet,
+    clean_unit_importance,
     load_hypernet,
     save_hypernet,
     unit_gradient_stats,
@@ -138,3 +139,66 @@ def test_checkpoint_round_trip_and_refusal(tiny_vit, micro_settings, tmp_path):
     assert weights_hash(other)[:12] in str(refused.value)
     with pytest.raises(ModelError, match="not found"):
         load_hypernet(tmp_path / "missing.safetensors", tiny_vit)
+
+
+def test_clean_importance_is_one_positive_value_per_unit(tiny_vit, micro_settings):
+    # Given clean images
+    scope = build_scope(tiny_vit, micro_settings.scope.blocks)
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    # When the units' clean importance is measured
+    importance = clean_unit_importance(tiny_vit, scope, images)
+    # Then each matrix gets one positive value per hidden unit, at the scale of the per-sample
+    # normalised statistics (root mean square 1 per matrix for every image)
+    assert [len(values) for values in importance] == list(scope.mask_widths)
+    for values in importance:
+        assert bool((values > 0).all())
+        assert values.pow(2).mean().item() == pytest.approx(1.0, rel=1e-4)
+
+
+def test_untrained_clean_locator_ranks_by_saliency_over_clean_importance(tiny_vit, micro_settings):
+    # Given a fresh hypernetwork with extensions (c) and (d), built on clean images
+    scope = build_scope(tiny_vit, micro_settings.scope.blocks)
+    settings = micro_settings.hypernet.model_copy(
+        update={"inputs": ("cls", "grad", "clean"), "clean_exponent": 1.0}
+    )
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    hypernet = build_hypernet(tiny_vit, scope, settings, seed=0, clean_images=images)
+    importance = clean_unit_importance(tiny_vit, scope, images)
+    gradients = [torch.rand(1, width) + 0.5 for width in scope.mask_widths]
+    # When it scores units
+    masks = scope.split(hypernet(torch.randn(1, 32), gradients)[0])
+    # Then each matrix's top units are those of gradient / clean importance, not of the gradient
+    ratios = [grad[0] / clean for grad, clean in zip(gradients, importance, strict=True)]
+    for mask, ratio in zip(masks, ratios, strict=True):
+        top = len(ratio) // 4
+        assert torch.equal(
+            mask.topk(top).indices.sort().values, ratio.topk(top).indices.sort().values
+        )
+    top_units = [set(r.topk(len(r) // 4).indices.tolist()) for r in ratios]
+    by_gradient = [set(g[0].topk(len(g[0]) // 4).indices.tolist()) for g in gradients]
+    assert top_units != by_gradient
+
+
+def test_clean_extension_needs_gradients_and_clean_images(tiny_vit, micro_settings):
+    scope = build_scope(tiny_vit, micro_settings.scope.blocks)
+    alone = micro_settings.hypernet.model_copy(update={"inputs": ("cls", "clean")})
+    with pytest.raises(ConfigError, match="needs 'grad'"):
+        build_hypernet(tiny_vit, scope, alone, seed=0)
+    both = micro_settings.hypernet.model_copy(update={"inputs": ("cls", "grad", "clean")})
+    with pytest.raises(ConfigError, match="clean images"):
+        build_hypernet(tiny_vit, scope, both, seed=0)
+
+
+def test_clean_importance_survives_the_checkpoint(tiny_vit, micro_settings, tmp_path):
+    # Given a saved hypernetwork with extension (d)
+    scope = build_scope(tiny_vit, micro_settings.scope.blocks)
+    settings = micro_settings.hypernet.model_copy(update={"inputs": ("cls", "grad", "clean")})
+    images = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    hypernet = build_hypernet(tiny_vit, scope, settings, seed=0, clean_images=images)
+    path = save_hypernet(
+        tmp_path / "h.safetensors", hypernet, weights_hash(tiny_vit), scope, settings, {}
+    )
+    # When it is loaded, then it holds the measured importance, not the placeholder ones
+    loaded = load_hypernet(path, tiny_vit)
+    assert torch.equal(loaded.clean_importance, hypernet.clean_importance)
+    assert not torch.equal(loaded.clean_importance, torch.ones_like(loaded.clean_importance))

@@ -217,7 +217,7 @@ def test_outer_loop_and_distillation_reduce_their_losses(sharp_vit, settings, fi
     fit = fit_mask_logits_batched(split, scope, mixed, clean_logits, initial, settings.metatrain)
     targets = torch.sigmoid(settings.metatrain.target_scale * fit.logits)
     meta = settings.metatrain.model_copy(update={"iterations": 1000, "distill_lr": 1e-3})
-    state = metatrain_module._new_state(sharp_vit, scope, meta, settings.hypernet)
+    state = metatrain_module._new_state(sharp_vit, scope, meta, settings.hypernet, mixed)
     features = pooled_features(sharp_vit, mixed)
     # When it distills the same targets for 50 iterations
     bces = [metatrain_module._distill(state, features, None, targets, meta) for _ in range(50)]
