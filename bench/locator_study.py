@@ -139,7 +139,7 @@ def main() -> None:
         rows, pairs, ["generalization", "locality_sensitive", "locality_broad"]
     )
     write_csv(paired, args.out / "paired.csv")
-    plot_tradeoff(rows, args.out / "tradeoff.png", ["locality_sensitive", "locality_broad"])
+    plot_tradeoff(summary, args.out / "tradeoff.png", ["locality_sensitive", "locality_broad"])
     overall = [row for row in paired if row["subset"] == "all"]
     (args.out / "report.md").write_text(
         "# Locator study\n\n"

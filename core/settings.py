@@ -295,8 +295,8 @@ class NightlySettings(Section):
     inference_batch_size: int = Field(256, ge=1)  # reference predictions, gates, retention
     # Training images scored to pick the locality term's replay batch (lowest margins first).
     replay_pool: int = Field(5_000, ge=1)
-    # Retention: each earlier accepted edit lends this many of its samples to the replay batch,
-    # so a new edit keeps them right (0 = clean replay images only).
+    # Retention: each earlier accepted edit lends this many of its samples to every later edit,
+    # which keeps them right with weight `edit.retention_weight` (0 = no retention term).
     retention_replay_per_edit: int = Field(2, ge=0)
 
 
