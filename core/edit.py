@@ -478,6 +478,23 @@ def _uses_retained(batch: EditBatch, settings: EditSettings) -> bool:
     return settings.retention_weight > 0 and batch.has_retained
 
 
+def _draw(n_rows: int, size: int) -> torch.Tensor:
+    """Row indices for one step: all `n_rows`, or a fresh random `size` of them when 0 < size <
+    n_rows (torch's default generator, which `MaskedEditor.edit` seeds)."""
+    if 0 < size < n_rows:
+        return torch.randperm(n_rows)[:size]
+    return torch.arange(n_rows)
+
+
+@dataclass(frozen=True)
+class _StepRows:
+    """Which retained samples and replay images one fine-tuning step runs on (indices into each
+    set); `replay` is None when the locality term is off."""
+
+    retained: torch.Tensor
+    replay: torch.Tensor | None
+
+
 @dataclass(frozen=True)
 class _Objective:
     """The fine-tuning loss over one stacked image batch: edit samples, then retained samples,
@@ -503,42 +520,42 @@ class _Objective:
             parts.append(self.batch.replay_images)
         return torch.cat(parts)
 
-    def replay_rows(self) -> torch.Tensor | None:
-        """Replay rows for this step: all of them, or a fresh random `replay_batch_size`."""
+    def draw(self) -> _StepRows:
+        """This step's retained samples (all, or `retention_batch_size` of them) and replay
+        images (all, or `replay_batch_size`): large sets at the cost of small ones."""
+        retained = _draw(self.n_retained, self.settings.retention_batch_size)
         if not _uses_replay(self.batch, self.settings):
-            return None
-        n_replay, size = self.batch.replay_images.shape[0], self.settings.replay_batch_size
-        if 0 < size < n_replay:
-            return torch.randperm(n_replay)[:size]
-        return torch.arange(n_replay)
+            return _StepRows(retained, None)
+        n_replay = self.batch.replay_images.shape[0]
+        return _StepRows(retained, _draw(n_replay, self.settings.replay_batch_size))
 
-    def step_rows(self, replay_rows: torch.Tensor | None) -> torch.Tensor:
-        """Rows of `images()` one step runs on."""
-        fixed = torch.arange(self.n_edit + self.n_retained)
-        if replay_rows is None:
-            return fixed
-        return torch.cat([fixed, self.n_edit + self.n_retained + replay_rows])
+    def step_rows(self, rows: _StepRows) -> torch.Tensor:
+        """Rows of `images()` one step runs on: every edit sample, then the drawn ones."""
+        k, m = self.n_edit, self.n_retained
+        parts = [torch.arange(k), k + rows.retained]
+        if rows.replay is not None:
+            parts.append(k + m + rows.replay)
+        return torch.cat(parts)
 
     def __call__(
-        self, logits: torch.Tensor, replay_rows: torch.Tensor | None
+        self, logits: torch.Tensor, rows: _StepRows
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(total loss, edit CE, done?) from the logits of `step_rows(replay_rows)`; done = every
-        edit (and retained) sample right and the edit CE at most `ce_stop`."""
-        k, m, settings = self.n_edit, self.n_retained, self.settings
+        """(total loss, edit CE, done?) from the logits of `step_rows(rows)`; done = every edit
+        (and drawn retained) sample right and the edit CE at most `ce_stop`."""
+        k, m, settings = self.n_edit, len(rows.retained), self.settings
         edit_logits = logits[:k]  # (k, C)
         ce = F.cross_entropy(edit_logits, self.batch.labels)
         right = bool((edit_logits.argmax(1) == self.batch.labels).all())
         loss = ce
         if m:
             retained_logits = logits[k : k + m]  # (m, C)
-            right = right and bool((retained_logits.argmax(1) == self.batch.retain_labels).all())
-            loss = loss + settings.retention_weight * F.cross_entropy(
-                retained_logits, self.batch.retain_labels
-            )
-        if replay_rows is not None:
+            labels = self.batch.retain_labels[rows.retained]
+            right = right and bool((retained_logits.argmax(1) == labels).all())
+            loss = loss + settings.retention_weight * F.cross_entropy(retained_logits, labels)
+        if rows.replay is not None:
             log_q = F.log_softmax(logits[k + m :], dim=1)  # (r, C)
             loss = loss + settings.locality_weight * F.kl_div(
-                log_q, self.batch.replay_probs[replay_rows], reduction="batchmean"
+                log_q, self.batch.replay_probs[rows.replay], reduction="batchmean"
             )
         return loss, ce, right and ce.item() <= settings.ce_stop
 
@@ -555,7 +572,8 @@ def fit_delta(
     The objective is CE on the edit samples, plus `locality_weight * KL(replay_probs ||
     p_edited(replay))` when a replay batch is given (extension (a), see `masked_finetune`; over a
     fresh random `replay_batch_size` of it each step when that is set), plus `retention_weight *
-    CE` on earlier edits' samples when given, plus `penalty(delta.deltas())`. Gradients go only
+    CE` on earlier edits' samples when given (a fresh `retention_batch_size` of them each step
+    when set), plus `penalty(delta.deltas())`. Gradients go only
     to `delta.trainables` (`autograd.grad`, so the model's own `.grad` fields stay untouched);
     the model runs in eval mode and gets its mode back. Losses hold the edit CE before each step
     and at the end (`steps + 1` values).
@@ -568,10 +586,9 @@ def fit_delta(
         cached = forward.prefix(objective.images())  # computed once: the prefix is frozen
         step = 0
         while True:
-            replay_rows = objective.replay_rows()
-            rows = cached[objective.step_rows(replay_rows)]
-            logits = forward.suffix(rows, delta.edited_weights())
-            loss, ce, done = objective(logits, replay_rows)
+            rows = objective.draw()
+            logits = forward.suffix(cached[objective.step_rows(rows)], delta.edited_weights())
+            loss, ce, done = objective(logits, rows)
             if penalty is not None:
                 loss = loss + penalty(delta.deltas())
             losses.append(round(ce.item(), 6))

@@ -174,6 +174,8 @@ class EditSettings(Section):
     # Weight of CE on earlier edits' samples (EditBatch.retain_*), kept apart from the locality
     # term so retained samples do not dilute the clean images' share of its KL mean.
     retention_weight: float = Field(0.0, ge=0)
+    # Retained samples per step, drawn afresh (0 = all): a night's cost stays flat as edits pile up.
+    retention_batch_size: int = Field(0, ge=0)
     # c of FT-L1 (c * |W - W0|_1) and FT-L2 (c / 2 * |W - W0|^2); method.md sweeps 0.1 .. 0.001, 0.
     penalty_weight: float = Field(0.01, ge=0)
     lora_rank: int = Field(4, ge=1)  # LoRA baseline on attention qkv of every block

@@ -204,20 +204,32 @@ def test_max_steps_bounds_the_run(model, scope):
     assert delta.meta["success"] is False
 
 
-def test_locality_term_keeps_replay_predictions_closer(model, scope):
-    # Given an edit with a replay batch of clean images and their pre-edit probabilities
+def edited_copy(model: nn.Module, scope: EditScope, batch: EditBatch, **settings) -> nn.Module:
+    """A copy of `model` with a whole-scope masked edit of `batch` (lr 1e-2, 30 steps) applied."""
+    mask = torch.ones(scope.n_mask_entries, dtype=torch.bool)
+    edit = EditSettings(lr=1e-2, max_steps=30, **settings)
+    edited = copy.deepcopy(model)
+    apply_delta(edited, masked_finetune(model, scope, mask, batch, edit))
+    return edited
+
+
+def with_replay(model: nn.Module, n_replay: int) -> EditBatch:
+    """`wrong_batch` plus `n_replay` random clean images and the model's probabilities on them."""
     batch = wrong_batch(model)
-    replay = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    replay = torch.randn(n_replay, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         replay_probs = model(replay).softmax(1)
-    with_replay = EditBatch(batch.images, batch.labels, replay, replay_probs)
-    mask = torch.ones(scope.n_mask_entries, dtype=torch.bool)
+    return EditBatch(batch.images, batch.labels, replay, replay_probs)
+
+
+def test_locality_term_keeps_replay_predictions_closer(model, scope):
+    # Given an edit with a replay batch of clean images and their pre-edit probabilities
+    replaying = with_replay(model, 16)
+    replay, replay_probs = replaying.replay_images, replaying.replay_probs
     drift = {}
     for weight in (0.0, 10.0):
-        settings = EditSettings(lr=1e-2, max_steps=30, locality_weight=weight)
         # When it is edited without and with the locality term
-        edited = copy.deepcopy(model)
-        apply_delta(edited, masked_finetune(model, scope, mask, with_replay, settings))
+        edited = edited_copy(model, scope, replaying, locality_weight=weight)
         with torch.no_grad():
             log_q = edited(replay).log_softmax(1)
         drift[weight] = torch.nn.functional.kl_div(
@@ -227,20 +239,20 @@ def test_locality_term_keeps_replay_predictions_closer(model, scope):
     assert drift[10.0] < drift[0.0]
 
 
-def test_retention_term_keeps_earlier_fixes_right(model, scope):
+@pytest.mark.parametrize("per_step", [0, 3], ids=["all-each-step", "3-drawn-each-step"])
+def test_retention_term_keeps_earlier_fixes_right(model, scope, per_step):
     # Given an edit and 8 earlier-edit samples labelled with what the model predicts now
     batch = wrong_batch(model, k=4, seed=3)
     kept = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         kept_labels = model(kept).argmax(1)
     retaining = EditBatch(batch.images, batch.labels, retain_images=kept, retain_labels=kept_labels)
-    mask = torch.ones(scope.n_mask_entries, dtype=torch.bool)
     loss = {}
     for weight in (0.0, 10.0):
-        settings = EditSettings(lr=1e-2, max_steps=30, retention_weight=weight)
         # When it is edited without and with the retention term
-        edited = copy.deepcopy(model)
-        apply_delta(edited, masked_finetune(model, scope, mask, retaining, settings))
+        edited = edited_copy(
+            model, scope, retaining, retention_weight=weight, retention_batch_size=per_step
+        )
         with torch.no_grad():
             loss[weight] = torch.nn.functional.cross_entropy(edited(kept), kept_labels).item()
     # Then the earlier samples keep a lower loss on their labels with the term
@@ -249,17 +261,14 @@ def test_retention_term_keeps_earlier_fixes_right(model, scope):
 
 def test_replay_drawn_per_step_is_seeded_and_still_keeps_predictions(model, scope):
     # Given an edit with 32 replay images, of which each step sees a random 4
-    batch = wrong_batch(model)
-    replay = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        replay_probs = model(replay).softmax(1)
-    with_replay = EditBatch(batch.images, batch.labels, replay, replay_probs)
+    replaying = with_replay(model, 32)
+    replay, replay_probs = replaying.replay_images, replaying.replay_probs
     drift, params = {}, {}
     for weight, seed in ((0.0, 0), (10.0, 0), (10.0, 0), (10.0, 1)):
         settings = EditSettings(lr=1e-2, max_steps=30, locality_weight=weight, replay_batch_size=4)
         editor = MaskedEditor("random", scope, _Ones(), 0.5, settings)
         # When it is edited without the term, and with it twice at seed 0 and once at seed 1
-        delta = editor.edit(model, with_replay, seed=seed)
+        delta = editor.edit(model, replaying, seed=seed)
         edited = copy.deepcopy(model)
         apply_delta(edited, delta)
         with torch.no_grad():
