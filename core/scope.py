@@ -120,7 +120,8 @@ def build_scope(model: nn.Module, blocks: Sequence[int]) -> EditScope:
         raise ConfigError(f"scope.blocks {blocks} must be consecutive and ascending")
     if blocks[0] < 0 or blocks[-1] >= len(sites):
         raise ConfigError(
-            f"scope.blocks {blocks} out of range: the model has FFNs 0..{len(sites) - 1}"
+            f"scope.blocks {blocks} out of range: the model has FFNs 0..{len(sites) - 1}; set "
+            "scope.blocks to a window inside them (`retouch scope-search` recommends one)"
         )
     return EditScope(tuple(sites[i] for i in blocks))
 

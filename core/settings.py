@@ -346,6 +346,16 @@ class Settings(Section):
             raise ValueError("metatrain.cutmix_min must not exceed metatrain.cutmix_max")
         return self
 
+    @model_validator(mode="after")
+    def _check_scope_fits_depth(self) -> Settings:
+        depth = self.model.depth
+        if depth is not None and self.scope.blocks and max(self.scope.blocks) >= depth:
+            raise ValueError(
+                f"scope.blocks {list(self.scope.blocks)} reach past model.depth {depth}; pick a "
+                "window inside 0..depth-1 (`retouch scope-search` recommends one)"
+            )
+        return self
+
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")

@@ -36,3 +36,11 @@ def test_a_missing_settings_file_names_the_fix(tmp_path, capsys):
     code = main(["--params", str(tmp_path / "none.yaml"), "build", "world"])
     assert code == 1
     assert "--params" in capsys.readouterr().err
+
+
+def test_a_scope_past_the_model_depth_is_refused_at_load(capsys):
+    code = main(["--set", "model.depth=4", "--set", "scope.blocks=[2,3,4]", "build", "world"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "scope-search" in err
+    assert "Traceback" not in err
