@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -207,8 +207,8 @@ def edit_cluster(
     cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
     rejected cluster leaves no trace in `model`. With `replay_images` (clean images the gates do
     not measure on) and a try whose `locality_weight` is positive, the edit also keeps the
-    current model's predictions on them (extension (a)); `retained` (images, labels) of earlier
-    edits go with it, held right by the try's `retention_weight`.
+    current model's predictions on them (extension (a)). `retained` (images, labels) of earlier
+    edits go with every try, held right by its `retention_weight`.
 
     Returns:
         The outcome and the (N,) locality-set predictions of `model` after the call.
@@ -217,13 +217,17 @@ def edit_cluster(
     reliability_before = reliability(
         predicted_classes(model, request.edit_images, batch_size), request.edit_labels
     )
-    plain = EditBatch(request.edit_images, request.edit_labels)
+    retain_images, retain_labels = retained if retained is not None else (None, None)
+    plain = EditBatch(
+        request.edit_images,
+        request.edit_labels,
+        retain_images=retain_images,
+        retain_labels=retain_labels,
+    )
     replayed = plain
     if replay_images is not None and len(replay_images):
         probs = predict_logits(model, replay_images, batch_size).softmax(dim=1)  # (R, C)
-        replayed = EditBatch(
-            request.edit_images, request.edit_labels, replay_images, probs, *(retained or ())
-        )
+        replayed = replace(plain, replay_images=replay_images, replay_probs=probs)
     attempts: list[Attempt] = []
     for rho, settings in tries:
         batch = replayed if settings.locality_weight > 0 else plain

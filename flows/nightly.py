@@ -345,6 +345,7 @@ def run_edit_stage(
     replay, retained = None, None
     if settings.edit.locality_weight > 0:
         replay = replay_images(settings, base_model, card)
+    if settings.edit.retention_weight > 0:
         retained = earlier_edit_samples(settings, parent_ledger_ids, flags, card)
     tries = fallback_tries(
         settings.edit, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
@@ -360,7 +361,7 @@ def run_edit_stage(
         night.inference_batch_size,
         replay,
         retained,
-        night.retention_replay_per_edit,
+        night.retention_replay_per_edit if settings.edit.retention_weight > 0 else 0,
     )
     return model, requests, outcomes
 

@@ -176,14 +176,19 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
     assert torch.allclose(seen[1].replay_probs, model(images[:4]).softmax(1), atol=1e-6)
 
 
-def test_accepted_cluster_samples_are_retained_by_later_clusters(setup, micro_settings):
+@pytest.mark.parametrize("locality_weight", [1.0, 0.0], ids=["with-locality", "without"])
+def test_accepted_cluster_samples_are_retained_by_later_clusters(
+    setup, micro_settings, locality_weight
+):
     # Given an open gate, a replay batch of 4 clean images, one retained sample of an earlier
     # night, and an editor that records its batches
     model, scope, requests, clean = setup
     gate = micro_settings.gate.model_copy(
         update={"cluster_min_locality": 0.0, "locality_confidence": None}
     )
-    edit = micro_settings.edit.model_copy(update={"lr": 0.01, "locality_weight": 1.0})
+    edit = micro_settings.edit.model_copy(
+        update={"lr": 0.01, "locality_weight": locality_weight, "retention_weight": 1.0}
+    )
     seen: list[EditBatch] = []
 
     def recording(rho, settings):
@@ -201,10 +206,14 @@ def test_accepted_cluster_samples_are_retained_by_later_clusters(setup, micro_se
     outcomes = edit_clusters(
         model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, clean[:4], earlier, 2
     )
-    # Then both see the same clean replay; the second also retains 2 of the first one's samples
+    # Then both see the clean replay when the locality term is on (none when it is off); the
+    # second retains 2 of the first one's samples either way
     assert all(outcome.accepted for outcome in outcomes)
     first = min(requests, key=lambda r: r.cluster_id)
-    assert all(torch.equal(batch.replay_images, clean[:4]) for batch in seen)
+    if locality_weight:
+        assert all(torch.equal(batch.replay_images, clean[:4]) for batch in seen)
+    else:
+        assert not any(batch.has_replay for batch in seen)
     assert torch.equal(seen[0].retain_images, clean[4:5])
     assert torch.equal(seen[1].retain_images, torch.cat([clean[4:5], first.edit_images[:2]]))
     assert torch.equal(seen[1].retain_labels, torch.cat([earlier[1], first.edit_labels[:2]]))
