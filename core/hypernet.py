@@ -3,9 +3,9 @@
 Owns `MaskHypernet` (frozen base model's CLS feature -> soft mask over the scope's hidden units),
 `HypernetLocator` (the Locator protocol of core/edit.py on top of it), the per-unit gradient
 statistics of extension (c), the per-unit clean-data importance of extension (d), and checkpoint
-I/O that ties a hypernetwork to the weights of the base
-model it was meta-trained on: a meta-learned locator does not transfer across base models
-(method.md section 6), so loading it beside another model is refused.
+I/O that ties a hypernetwork to the weights of the base model it was meta-trained on: a
+meta-learned locator does not transfer across base models (method.md section 6), so loading it
+beside another model is refused.
 """
 
 from __future__ import annotations
