@@ -2,7 +2,9 @@
 
 Every locator edits the same cases (same samples, same seeds) at the same learning rate, at each
 sparsity rho and group size k; the output has per-edit rows, a summary per locator and level,
-paired differences (locator minus saliency / random, with standard errors) and the GR-vs-LR plot.
+paired differences (locator minus saliency / random, with standard errors), the gaps between the
+GR-vs-LR curves at equal locality (`frontier.csv`: does a curve lie above another?) and the
+GR-vs-LR plot.
 The faithful method and each extension are listed separately: extension (a) (a locality term
 during the edit, `--locality-weight`) is run as its own locator rows when asked for.
 
@@ -30,6 +32,7 @@ from core.edit import Editor, Locator, MaskedEditor
 from core.evaluation import (
     EditEvaluator,
     Level,
+    frontier_gaps,
     paired_differences,
     plan_cases,
     run_edits,
@@ -52,6 +55,9 @@ from flows.bootstrap import world_dir
 from monitoring.plots import plot_tradeoff
 
 METRICS = ("reliability", "generalization", "locality_sensitive", "locality_broad", "accuracy")
+FRONTIER_COLUMNS = [
+    "first", "second", "k", "level", "locality", "first_locality", "gap", "standard_error",
+]  # fmt: skip
 
 
 def parse_args() -> argparse.Namespace:
@@ -139,6 +145,12 @@ def main() -> None:
         rows, pairs, ["generalization", "locality_sensitive", "locality_broad"]
     )
     write_csv(paired, args.out / "paired.csv")
+    frontier = [
+        gap
+        for locality in ("locality_sensitive", "locality_broad")
+        for gap in frontier_gaps(rows, pairs, locality)
+    ]
+    write_csv(frontier, args.out / "frontier.csv")
     plot_tradeoff(summary, args.out / "tradeoff.png", ["locality_sensitive", "locality_broad"])
     overall = [row for row in paired if row["subset"] == "all"]
     (args.out / "report.md").write_text(
@@ -148,6 +160,8 @@ def main() -> None:
         + markdown_table(summary, ["method", "level", "k", "n_edits", *METRICS])
         + "\n## Paired differences (all subsets)\n\n"
         + markdown_table(overall, PAIRED_COLUMNS)
+        + "\n## GR gap at equal locality (first minus second's curve; bootstrap SE)\n\n"
+        + markdown_table(frontier, FRONTIER_COLUMNS)
     )
     print((args.out / "report.md").read_text())
     print(json.dumps({"out": str(args.out)}))

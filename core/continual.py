@@ -32,6 +32,7 @@ from core.edit import (
 from core.gate import GateResult, cluster_gate, retention_key
 from core.metrics import accuracy, generalization, locality, reliability, retention
 from core.model import predict_logits, weights_hash
+from core.replay import ReplayBatch
 from core.scope import EditScope
 from core.settings import EditSettings, GateSettings
 
@@ -157,6 +158,31 @@ def fallback_tries(
     return [(rho, settings), (fallback_rho, fallback)]
 
 
+@dataclass(frozen=True)
+class RetainedSamples:
+    """Earlier edits' samples (m, 3, S, S) and labels (m,), and which of them the model got
+    right before this cluster's edit (m,) bool: what the edit must not undo."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    right_before: torch.Tensor
+
+    @classmethod
+    def of(
+        cls, model: nn.Module, retained: tuple[torch.Tensor, torch.Tensor] | None, batch_size: int
+    ) -> RetainedSamples | None:
+        """`retained` (images, labels) with `model`'s hits on them, or None when there are none."""
+        if retained is None or not len(retained[1]):
+            return None
+        images, labels = retained
+        return cls(images, labels, predicted_classes(model, images, batch_size) == labels)
+
+    def broken(self, model: nn.Module, batch_size: int) -> int:
+        """How many samples right before are wrong in `model` now."""
+        right_now = predicted_classes(model, self.images, batch_size) == self.labels
+        return int((self.right_before & ~right_now).sum())
+
+
 def cluster_figures(
     model: nn.Module,
     request: ClusterRequest,
@@ -164,13 +190,14 @@ def cluster_figures(
     touched: Sequence[str],
     before_predictions: torch.Tensor,
     batch_size: int,
+    retained: RetainedSamples | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Cluster-gate figures of `model` (edited in `touched`) and its locality-image predictions.
 
     Returns:
         The figures (`reliability`, `generalization` when held-out flags exist, `locality`,
-        `n_locality`) and the (N,) predictions on the locality images: the next cluster's
-        "before".
+        `n_locality`, `retained_broken`) and the (N,) predictions on the locality images: the
+        next cluster's "before".
     """
     edit_predictions = predicted_classes(model, request.edit_images, batch_size)  # (k,)
     after = probe.predictions(model, touched)  # (N,)
@@ -178,6 +205,7 @@ def cluster_figures(
         "reliability": reliability(edit_predictions, request.edit_labels),
         "locality": locality(after, before_predictions),
         "n_locality": float(after.numel()),
+        "retained_broken": float(retained.broken(model, batch_size) if retained else 0),
     }
     if request.held_out_labels.numel():
         held_out_predictions = predicted_classes(model, request.held_out_images, batch_size)
@@ -197,18 +225,21 @@ def edit_cluster(
     gate: GateSettings,
     seed: int,
     batch_size: int,
-    replay_images: torch.Tensor | None = None,
+    replay: ReplayBatch | None = None,
     retained: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[ClusterOutcome, torch.Tensor]:
     """Edit one cluster on top of `model` (in place), keeping the edit only if its gate passes.
 
     Each try edits, applies the delta, and judges it with `cluster_gate`: every edit sample
     right, locality on the probe's images against `before_predictions` (the model before this
-    cluster's edit). A failed try is undone with `restore` (bit-exact) before the next one, so a
-    rejected cluster leaves no trace in `model`. With `replay_images` (clean images the gates do
-    not measure on) and a try whose `locality_weight` is positive, the edit also keeps the
-    current model's predictions on them (extension (a)). `retained` (images, labels) of earlier
-    edits go with every try, held right by its `retention_weight`.
+    cluster's edit), and no `retained` sample undone that was right before it. A failed try is
+    undone with `restore` (bit-exact) before the next one, so a rejected cluster leaves no trace
+    in `model`. With `replay` (clean images the gates do not
+    measure on, and an anchor model's probabilities on them) and a try whose `locality_weight` is
+    positive, the edit also holds those probabilities (extension (a)). Anchored to the base
+    model rather than to `model`, every edit pulls back the drift of the edits before it
+    instead of keeping it. `retained` (images, labels) of earlier edits go with every try, held
+    right by its `retention_weight`.
 
     Returns:
         The outcome and the (N,) locality-set predictions of `model` after the call.
@@ -218,6 +249,7 @@ def edit_cluster(
         predicted_classes(model, request.edit_images, batch_size), request.edit_labels
     )
     retain_images, retain_labels = retained if retained is not None else (None, None)
+    retained_before = RetainedSamples.of(model, retained, batch_size)
     plain = EditBatch(
         request.edit_images,
         request.edit_labels,
@@ -225,9 +257,8 @@ def edit_cluster(
         retain_labels=retain_labels,
     )
     replayed = plain
-    if replay_images is not None and len(replay_images):
-        probs = predict_logits(model, replay_images, batch_size).softmax(dim=1)  # (R, C)
-        replayed = replace(plain, replay_images=replay_images, replay_probs=probs)
+    if replay is not None and len(replay.images):
+        replayed = replace(plain, replay_images=replay.images, replay_probs=replay.probs)
     attempts: list[Attempt] = []
     for rho, settings in tries:
         batch = replayed if settings.locality_weight > 0 else plain
@@ -235,7 +266,7 @@ def edit_cluster(
         undo = apply_delta(model, delta)
         touched = delta.touched_parameters()
         figures, after = cluster_figures(
-            model, request, probe, touched, before_predictions, batch_size
+            model, request, probe, touched, before_predictions, batch_size, retained_before
         )
         result = cluster_gate(figures, gate)
         attempts.append(Attempt(rho, settings.max_steps, result))
@@ -271,7 +302,7 @@ def edit_clusters(
     gate: GateSettings,
     seed: int,
     batch_size: int,
-    replay_images: torch.Tensor | None = None,
+    replay: ReplayBatch | None = None,
     retained: tuple[torch.Tensor, torch.Tensor] | None = None,
     retention_per_edit: int = 0,
 ) -> list[ClusterOutcome]:
@@ -296,7 +327,7 @@ def edit_clusters(
             gate,
             seed,
             batch_size,
-            replay_images,
+            replay,
             retained,
         )
         outcomes.append(outcome)

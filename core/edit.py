@@ -512,13 +512,17 @@ class _Objective:
         return self.batch.retain_labels.shape[0] if _uses_retained(self.batch, self.settings) else 0
 
     def images(self) -> torch.Tensor:
-        """(k + m + R, 3, S, S): what the prefix cache holds."""
+        """(k + m, 3, S, S): the edit and retained samples, whose prefix is cached once. The
+        replay set can be far larger than what the steps draw from it, so its draws go through
+        the prefix step by step (`replay_images`)."""
         parts = [self.batch.images]
         if self.n_retained:
             parts.append(self.batch.retain_images)
-        if _uses_replay(self.batch, self.settings):
-            parts.append(self.batch.replay_images)
         return torch.cat(parts)
+
+    def replay_images(self, rows: _StepRows) -> torch.Tensor | None:
+        """(r, 3, S, S) this step's replay images, or None when the locality term is off."""
+        return None if rows.replay is None else self.batch.replay_images[rows.replay]
 
     def draw(self) -> _StepRows:
         """This step's retained samples (all, or `retention_batch_size` of them) and replay
@@ -530,12 +534,8 @@ class _Objective:
         return _StepRows(retained, _draw(n_replay, self.settings.replay_batch_size))
 
     def step_rows(self, rows: _StepRows) -> torch.Tensor:
-        """Rows of `images()` one step runs on: every edit sample, then the drawn ones."""
-        k, m = self.n_edit, self.n_retained
-        parts = [torch.arange(k), k + rows.retained]
-        if rows.replay is not None:
-            parts.append(k + m + rows.replay)
-        return torch.cat(parts)
+        """Rows of `images()` one step runs on: every edit sample, then the drawn retained."""
+        return torch.cat([torch.arange(self.n_edit), self.n_edit + rows.retained])
 
     def __call__(
         self, logits: torch.Tensor, rows: _StepRows
@@ -587,7 +587,11 @@ def fit_delta(
         step = 0
         while True:
             rows = objective.draw()
-            logits = forward.suffix(cached[objective.step_rows(rows)], delta.edited_weights())
+            tokens = cached[objective.step_rows(rows)]
+            replay = objective.replay_images(rows)
+            if replay is not None:
+                tokens = torch.cat([tokens, forward.prefix(replay)])
+            logits = forward.suffix(tokens, delta.edited_weights())
             loss, ce, done = objective(logits, rows)
             if penalty is not None:
                 loss = loss + penalty(delta.deltas())

@@ -10,9 +10,9 @@ Owns the pure part of `retouch benchmark` and `retouch scope-search`:
   the activations entering the first edited block (`SplitForward.prefix`): an edit only re-runs
   the edited blocks and what follows them. The delta is applied, measured and restored, so the
   model is bit-identical after every edit;
-- the learning-rate choice, summaries, paired differences with standard errors, mask
-  localization diagnostics, and the scope search's candidates (FFN windows, and attention
-  windows edited by `AttentionEditor`).
+- the learning-rate choice, summaries, paired differences with standard errors, gaps between
+  GR-vs-LR curves at equal locality (`frontier_gaps`), mask localization diagnostics, and the
+  scope search's candidates (FFN windows, and attention windows edited by `AttentionEditor`).
 No files, no MLflow: flows/benchmark.py does the I/O.
 """
 
@@ -613,6 +613,99 @@ def paired_differences(
                         [float(a[metric]) - float(b[metric]) for a, b in matched]
                     )
                     out.append(_difference_row(pair, cell, subset, metric, differences))
+    return out
+
+
+def _curve_gaps(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Per level of `first`: its mean GR minus `second`'s mean-GR curve read at its mean
+    locality (straight lines between `second`'s levels; NaN outside their locality range).
+
+    Both are (levels, cases, 2) arrays of (generalization, locality) per edit.
+    """
+    first_gr, first_loc = first[..., 0].mean(axis=1), first[..., 1].mean(axis=1)  # (L1,)
+    second_gr, second_loc = second[..., 0].mean(axis=1), second[..., 1].mean(axis=1)  # (L2,)
+    order = np.argsort(second_loc)
+    xs, ys = second_loc[order], second_gr[order]
+    inside = (first_loc >= xs[0]) & (first_loc <= xs[-1])
+    return np.where(inside, first_gr - np.interp(first_loc, xs, ys), np.nan)
+
+
+def _gr_locality_table(
+    by_level: dict[object, dict[object, dict[str, object]]],
+    cases: Sequence[object],
+    locality_metric: str,
+) -> tuple[list[object], np.ndarray]:
+    """Levels in order and their (levels, cases, 2) array of (GR, locality) per edit."""
+    levels = sorted(by_level)
+    values = [
+        [
+            (
+                float(by_level[level][case]["generalization"]),
+                float(by_level[level][case][locality_metric]),
+            )
+            for case in cases
+        ]
+        for level in levels
+    ]
+    return levels, np.array(values)
+
+
+def frontier_gaps(
+    rows: Sequence[dict[str, object]],
+    pairs: Sequence[tuple[str, str]],
+    locality_metric: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, object]]:
+    """GR of the first method minus the second's GR *at the same locality*, with a bootstrap SE.
+
+    A paired difference compares two locators at the same rho; when they trade GR for locality
+    at different rates, that compares different points of the trade-off. Here the second
+    method's mean GR-vs-locality curve (its levels joined by straight lines, same k and lr) is
+    read at each level's mean locality of the first method: a positive gap means the first
+    method's curve lies above the second's there. Levels outside the second curve's locality
+    range are left out (no extrapolation). The standard error resamples the cases both methods
+    edited at every level, together, so the pairing is kept.
+    """
+    cells: dict[tuple, dict[object, dict[object, dict[str, object]]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
+    for row in rows:
+        cells[(row["method"], row["k"], row["lr"])][row["level"]][row["case_id"]] = row
+    rng = np.random.default_rng(seed)
+    out = []
+    for first, second in pairs:
+        for k, lr in sorted({key[1:] for key in cells if key[0] == first}):
+            a, b = cells[(first, k, lr)], cells.get((second, k, lr), {})
+            if len(b) < 2:
+                continue
+            cases = sorted(set.intersection(*(set(level) for level in [*a.values(), *b.values()])))
+            if len(cases) < 2:
+                continue
+            levels, first_values = _gr_locality_table(a, cases, locality_metric)
+            second_values = _gr_locality_table(b, cases, locality_metric)[1]
+            gaps = _curve_gaps(first_values, second_values)
+            draws = rng.integers(0, len(cases), size=(n_boot, len(cases)))
+            boot = np.array([_curve_gaps(first_values[:, d], second_values[:, d]) for d in draws])
+            for index, level in enumerate(levels):
+                if np.isnan(gaps[index]):
+                    continue
+                valid = boot[:, index][~np.isnan(boot[:, index])]  # draws inside the range
+                out.append(
+                    {
+                        "first": first,
+                        "second": second,
+                        "k": k,
+                        "lr": lr,
+                        "level": level,
+                        "locality": locality_metric,
+                        "first_locality": float(first_values[index, :, 1].mean()),
+                        "first_generalization": float(first_values[index, :, 0].mean()),
+                        "gap": float(gaps[index]),
+                        "standard_error": float(valid.std(ddof=1)) if len(valid) > 1 else math.nan,
+                        "n_cases": len(cases),
+                    }
+                )
     return out
 
 

@@ -8,7 +8,8 @@ on. Gates fail closed: a figure that is missing or not finite rejects with a rea
 Figure names (shares in [0, 1] unless said otherwise):
 - cluster gate: `reliability` (edit samples right after the edit), `generalization` (held-out
   samples of the cluster right; recorded, not gated), `locality` (broad clean sample, agreement
-  with the model before this cluster's edit) and its sample count `n_locality`.
+  with the model before this cluster's edit) and its sample count `n_locality`, and
+  `retained_broken` (earlier edits' samples right before this edit and wrong after it).
 - global gate: `broad_locality_vs_champion`, `broad_locality_vs_base` (count `n_broad`),
   `sensitive_locality_vs_champion`, `sensitive_locality_vs_base` (count `n_sensitive`),
   `accuracy` and `accuracy_base` (clean validation accuracy of the candidate and of the original
@@ -131,9 +132,11 @@ class _Judge:
 def cluster_gate(figures: Mapping[str, float], settings: GateSettings) -> GateResult:
     """Judge one cluster's edit against the model it was applied to.
 
-    Every edit sample must be right (reliability 1) and locality on the broad clean sample must
-    reach `cluster_min_locality`; held-out generalization is only recorded, because a cluster of
-    a few samples says little about unseen ones and gating on it would reject useful edits.
+    Every edit sample must be right (reliability 1), locality on the broad clean sample must
+    reach `cluster_min_locality`, and no earlier edit's sample may be undone (the global gate
+    would fail the whole night's candidate on it; here only this cluster is turned away).
+    Held-out generalization is only recorded, because a cluster of a few samples says little
+    about unseen ones and gating on it would reject useful edits.
     """
     judge = _Judge(figures, settings)
     reliability = judge.value("reliability")
@@ -142,6 +145,11 @@ def cluster_gate(figures: Mapping[str, float], settings: GateSettings) -> GateRe
     elif reliability is not None:
         judge.passes.append("reliability 1: every edit sample right")
     judge.locality_at_least("locality", "n_locality", "cluster_min_locality")
+    broken = judge.value("retained_broken")
+    if broken is not None and broken > 0:
+        judge.failures.append(f"retained_broken {broken:g}: this edit undoes earlier edits")
+    elif broken is not None:
+        judge.passes.append("retained_broken 0: every earlier edit sample still right")
     return judge.result()
 
 

@@ -4,6 +4,10 @@ Production has clean data at edit time, which the paper's setting did not. An ed
 keep the pre-edit predictions of a replay batch fixed while it fits the edit samples. The
 lowest-margin clean images flip first when an edit spills over (findings.md), so the batch
 holds those plus a random share for breadth. Draw it from data the gates do not measure on.
+
+The targets are one fixed model's probabilities. In continual editing that model is the base,
+not the model each edit starts from: edits stacked night after night then pull back the drift
+of the edits before them instead of locking it in (README, 'Continual runs').
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ from core.model import predict_logits
 
 @dataclass(frozen=True)
 class ReplayBatch:
-    """Clean images (R, 3, S, S) and the pre-edit model's probabilities on them (R, C)."""
+    """Clean images (R, 3, S, S) and the anchor model's probabilities on them (R, C): the
+    predictions every edit holds."""
 
     images: torch.Tensor
     probs: torch.Tensor
@@ -31,7 +36,7 @@ def build_replay_batch(
     """The `n_low_margin` lowest-margin images of `images` plus `n_random` others at random.
 
     Args:
-        model: the pre-edit model.
+        model: the anchor model (the model before any edit).
         images: (N, 3, S, S) preprocessed clean images.
         n_low_margin: images with the smallest top1 - top2 probability gap.
         n_random: further images drawn uniformly from the rest (seeded).

@@ -58,7 +58,7 @@ from core.gate import GateResult, global_gate
 from core.hypernet import HypernetLocator, load_hypernet
 from core.ledger import EditRecord, Ledger
 from core.model import ModelCard, load_saved_model, preprocess, save_model, weights_hash
-from core.replay import build_replay_batch
+from core.replay import ReplayBatch, build_replay_batch
 from core.scope import build_scope
 from core.settings import Settings, load_settings
 from flows.bootstrap import base_dir, benchmark_dir, hypernet_path, world_dir
@@ -280,13 +280,16 @@ def hprd_editor(settings: Settings, base_model: torch.nn.Module) -> MakeEditor:
     return lambda rho, edit: MaskedEditor("hprd", scope, locator, rho, edit)
 
 
-def replay_images(settings: Settings, base_model: torch.nn.Module, card: ModelCard) -> torch.Tensor:
-    """The locality term's replay images (R, 3, S, S) (extension (a)): picked by the base model
-    from the first `nightly.replay_pool` training images (not gate sets), cached by its weights.
+def replay_batch(settings: Settings, base_model: torch.nn.Module, card: ModelCard) -> ReplayBatch:
+    """The locality term's replay batch (extension (a)): clean images picked by the base model
+    from the first `nightly.replay_pool` training images (not gate sets), with the base model's
+    probabilities as the targets every edit holds; cached by the base model's weights.
     """
     path, pool = world_dir(settings) / "train.parquet", settings.nightly.replay_pool
     size, seed = settings.edit.replay_size, settings.edit.seed
-    key = cache_key("replay", weights_hash(base_model), file_version(path), f"{pool} {size} {seed}")
+    key = cache_key(
+        "replay+probs", weights_hash(base_model), file_version(path), f"{pool} {size} {seed}"
+    )
 
     def pick() -> dict[str, torch.Tensor]:
         parts, n_read = [], 0
@@ -297,9 +300,10 @@ def replay_images(settings: Settings, base_model: torch.nn.Module, card: ModelCa
                 break
         pool_images = preprocess(torch.cat(parts), card)  # (pool, 3, S, S)
         chosen = build_replay_batch(base_model, pool_images, size // 2, size - size // 2, seed)
-        return {"images": chosen.images}
+        return {"images": chosen.images, "probs": chosen.probs}
 
-    return cached_tensors(settings, key, pick)["images"]
+    cached = cached_tensors(settings, key, pick)
+    return ReplayBatch(cached["images"], cached["probs"])
 
 
 def earlier_edit_samples(
@@ -328,8 +332,9 @@ def run_edit_stage(
 ) -> tuple[torch.nn.Module, list[ClusterRequest], list[ClusterOutcome]]:
     """Edit the night's ready clusters on the parent; shared by the night and its rerun.
 
-    The locality term's replay batch holds clean training images; samples of the parent's edits
-    (`parent_ledger_ids`) go with it, so a new edit keeps earlier fixes in place.
+    The locality term's replay batch holds clean training images and the base model's
+    probabilities on them; samples of the parent's edits (`parent_ledger_ids`) go with it, so a
+    new edit keeps earlier fixes in place.
 
     Returns:
         The candidate (parent plus accepted deltas), the requests and their outcomes.
@@ -344,11 +349,12 @@ def run_edit_stage(
     night = settings.nightly
     replay, retained = None, None
     if settings.edit.locality_weight > 0:
-        replay = replay_images(settings, base_model, card)
+        replay = replay_batch(settings, base_model, card)
     if settings.edit.retention_weight > 0:
         retained = earlier_edit_samples(settings, parent_ledger_ids, flags, card)
+    first_try = settings.edit.model_copy(update={"max_steps": night.max_steps})
     tries = fallback_tries(
-        settings.edit, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
+        first_try, settings.edit.rho, night.fallback_rho, night.fallback_max_steps
     )
     outcomes = edit_clusters(
         model,

@@ -19,6 +19,7 @@ from core.continual import (
 from core.edit import EditBatch, EditDelta, MaskedEditor, ParamDelta, apply_delta
 from core.gate import retention_key
 from core.model import build_model, weights_hash
+from core.replay import ReplayBatch
 from core.scope import build_scope
 from core.settings import EditSettings, GateSettings
 
@@ -134,8 +135,9 @@ def test_locality_probe_matches_the_full_forward_as_edits_settle(micro_vit):
         assert torch.equal(probe.predictions(model, ()), full)
 
 
-def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vit):
-    # Given a recording editor and a cluster request with replay images
+def test_replay_reaches_the_edit_only_when_the_locality_term_is_on(micro_vit):
+    # Given a recording editor, a cluster request, and a replay batch whose targets come from
+    # another (anchor) model
     model = micro_vit(head_std=0.3)
     seen: list[EditBatch] = []
 
@@ -154,6 +156,7 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
     )
     images = torch.randn(8, 3, 16, 16)
     before = predicted_classes(model, images, 8)
+    anchor_probs = micro_vit(head_std=0.3, seed=1)(images[:4]).softmax(1).detach()
     edit = EditSettings()
     # When edited without, then with a locality weight
     for weight in (0.0, 1.0):
@@ -168,20 +171,21 @@ def test_replay_images_reach_the_edit_only_when_the_locality_term_is_on(micro_vi
             GateSettings(),
             0,
             8,
-            replay_images=images[:4],
+            replay=ReplayBatch(images[:4], anchor_probs),
         )
-    # Then only the second edit saw the replay images, with the model's own probabilities
+    # Then only the second edit saw the replay images, with the anchor's probabilities as its
+    # targets, not the edited model's
     assert not seen[0].has_replay
     assert seen[1].has_replay
-    assert torch.allclose(seen[1].replay_probs, model(images[:4]).softmax(1), atol=1e-6)
+    assert torch.equal(seen[1].replay_probs, anchor_probs)
 
 
 @pytest.mark.parametrize("locality_weight", [1.0, 0.0], ids=["with-locality", "without"])
 def test_accepted_cluster_samples_are_retained_by_later_clusters(
     setup, micro_settings, locality_weight
 ):
-    # Given an open gate, a replay batch of 4 clean images, one retained sample of an earlier
-    # night, and an editor that records its batches
+    # Given an open gate, a replay batch of 4 clean images (targets: the model before the night),
+    # one retained sample of an earlier night, and an editor that records its batches
     model, scope, requests, clean = setup
     gate = micro_settings.gate.model_copy(
         update={"cluster_min_locality": 0.0, "locality_confidence": None}
@@ -203,17 +207,68 @@ def test_accepted_cluster_samples_are_retained_by_later_clusters(
 
     # When both clusters are edited and accepted
     earlier = (clean[4:5], torch.tensor([3]))
+    replay = ReplayBatch(clean[:4], model(clean[:4]).softmax(1).detach())
     outcomes = edit_clusters(
-        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, clean[:4], earlier, 2
+        model, requests, recording, [(0.5, edit)], clean, gate, 0, 8, replay, earlier, 2
     )
-    # Then both see the clean replay when the locality term is on (none when it is off); the
-    # second retains 2 of the first one's samples either way
+    # Then both see the clean replay when the locality term is on (none when it is off), the
+    # second with the same targets although the first edit changed the model; the second
+    # retains 2 of the first one's samples either way
     assert all(outcome.accepted for outcome in outcomes)
     first = min(requests, key=lambda r: r.cluster_id)
     if locality_weight:
         assert all(torch.equal(batch.replay_images, clean[:4]) for batch in seen)
+        assert all(torch.equal(batch.replay_probs, replay.probs) for batch in seen)
     else:
         assert not any(batch.has_replay for batch in seen)
     assert torch.equal(seen[0].retain_images, clean[4:5])
     assert torch.equal(seen[1].retain_images, torch.cat([clean[4:5], first.edit_images[:2]]))
     assert torch.equal(seen[1].retain_labels, torch.cat([earlier[1], first.edit_labels[:2]]))
+
+
+def test_an_edit_that_undoes_an_earlier_edit_is_rejected(setup, micro_settings):
+    # Given retained samples the model gets right, and an editor whose delta pushes every image
+    # to the cluster's class (its edit samples right, the retained samples of other classes not)
+    model, _, _, clean = setup
+    before = weights_hash(model)
+    predicted = predicted_classes(model, clean, 8)
+    target = int(predicted[0])
+    others = predicted != target
+    retained = (clean[others], predicted[others])
+    request = ClusterRequest(
+        "c00",
+        ("a",),
+        clean[:1],
+        torch.tensor([target]),
+        clean[:0],
+        torch.zeros(0, dtype=torch.long),
+    )
+    push = torch.zeros(4)
+    push[target] = 1e3
+
+    class Pushing:
+        def edit(self, model, batch, *, seed):
+            return EditDelta({"head.bias": ParamDelta(None, 0, push)}, {"steps": 1})
+
+    gate = micro_settings.gate.model_copy(
+        update={"cluster_min_locality": 0.0, "locality_confidence": None}
+    )
+    edit = micro_settings.edit
+    # When the cluster is edited with those samples retained
+    outcome, _ = edit_cluster(
+        model,
+        request,
+        lambda rho, s: Pushing(),
+        [(0.9, edit)],
+        LocalityProbe(clean, 8),
+        predicted,
+        gate,
+        0,
+        8,
+        retained=retained,
+    )
+    # Then the gate turns it away for what it undid, and the model is as before
+    assert not outcome.accepted
+    assert outcome.gate.figures["retained_broken"] == int(others.sum()) > 0
+    assert any("retained_broken" in reason for reason in outcome.gate.reasons)
+    assert weights_hash(model) == before

@@ -23,6 +23,7 @@ from core.evaluation import (
     Measurement,
     benchmark_levels,
     choose_lr,
+    frontier_gaps,
     make_editor,
     mask_diagnostics,
     paired_differences,
@@ -242,6 +243,34 @@ def test_paired_differences_have_the_known_mean_and_standard_error():
     assert difference["mean_difference"] == pytest.approx(0.4 / 3)
     assert difference["standard_error"] == pytest.approx(0.15275 / math.sqrt(3), rel=1e-3)
     assert difference["n_edits"] == 3
+
+
+def curve_rows(method: str, points: dict[float, tuple[float, float]]) -> list[dict]:
+    """Two cases per level whose means are the given (GR, sensitive locality) points."""
+    rows = []
+    for level, (gr, loc) in points.items():
+        for case_id, spread in enumerate((-0.01, 0.01)):
+            rows.append(
+                row(method, case_id, gr + spread) | {"level": level, "locality_sensitive": loc}
+            )
+    return rows
+
+
+def test_frontier_gap_reads_the_reference_curve_at_the_same_locality():
+    # Given saliency's curve through (LR .4, GR .8) and (LR .6, GR .6), and a locator whose
+    # levels sit at LR .5 (GR .75) and LR .7 (outside saliency's range)
+    rows = curve_rows("saliency", {0.9: (0.8, 0.4), 0.95: (0.6, 0.6)})
+    rows += curve_rows("hprd", {0.9: (0.75, 0.5), 0.95: (0.5, 0.7)})
+    # When the locator's curve is compared with saliency's at equal locality
+    gaps = frontier_gaps(rows, [("hprd", "saliency")], "locality_sensitive", n_boot=50)
+    # Then its first level lies 0.05 above the line (saliency reaches GR .7 at LR .5), and the
+    # level outside saliency's locality range is left out, not extrapolated
+    [gap] = gaps
+    assert gap["level"] == 0.9
+    assert gap["gap"] == pytest.approx(0.05)
+    assert gap["first_locality"] == pytest.approx(0.5)
+    assert gap["n_cases"] == 2
+    assert gap["standard_error"] < 0.05
 
 
 def test_summary_reports_each_subset_and_all():

@@ -260,7 +260,7 @@ def test_cluster_that_cannot_be_edited_is_rejected_and_left(
     tmp_path, micro_settings_factory, artifacts
 ):
     # Given edits too weak to fix anything, even with the fallback
-    weak = ["edit.lr=1e-9", "edit.max_steps=1", "nightly.fallback_max_steps=1"]
+    weak = ["edit.lr=1e-9", "nightly.max_steps=1", "nightly.fallback_max_steps=1"]
     settings = production(tmp_path, micro_settings_factory, artifacts, weak)
 
     # When the night runs
