@@ -200,19 +200,34 @@ def _cluster_rows(history: History) -> list[list[object]]:
     return rows
 
 
+def _cluster_map(history: History) -> str:
+    """The map of the clusters that ever reached the edit stage; a night can hold hundreds of
+    small clusters that only wait, which the table lists and the map only counts."""
+    nights = sorted({c.night_index for c in history.clusters})
+    ready = {c.cluster_id for c in history.clusters if c.status != "waiting"}
+    waiting_only = len({c.cluster_id for c in history.clusters} - ready)
+    counted = f"{waiting_only} clusters that only waited (too small to edit so far) are not drawn."
+    if not ready:
+        return _note(f"No cluster has been ready yet. {counted}")
+    cells = {
+        (c.cluster_id, c.night_index): (c.size, c.status)
+        for c in history.clusters
+        if c.cluster_id in ready
+    }
+    figure = plots.plot_cluster_map(sorted(ready), nights, cells)
+    return _png(figure, "failure clusters per night") + f"<p>{escape(counted)}</p>"
+
+
 def _clusters(history: History) -> str:
     if not history.clusters:
         return _note("No failure cluster recorded yet.")
-    clusters = sorted({c.cluster_id for c in history.clusters})
-    nights = sorted({c.night_index for c in history.clusters})
-    cells = {(c.cluster_id, c.night_index): (c.size, c.status) for c in history.clusters}
     new = {}
     for c in history.clusters:
         new[c.night] = new.get(c.night, 0) + c.new
     new_line = ", ".join(f"{night}: {count}" for night, count in new.items() if count)
     header = ["cluster", "label", "first night", "nights", "rejections", "latest", "examples"]
     return (
-        _png(plots.plot_cluster_map(clusters, nights, cells), "failure clusters per night")
+        _cluster_map(history)
         + f"<p>New clusters per night: {escape(new_line or 'none')}</p>"
         + html_table(header, _cluster_rows(history))
     )

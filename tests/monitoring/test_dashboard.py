@@ -4,6 +4,7 @@ page still builds, saying what is missing, when records are lost."""
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,25 @@ def test_dashboard_is_logged_with_metrics_at_steps(two_nights):
         history = client.get_metric_history(night.run_id, "flags_in")
         assert [m.step for m in history] == [night.index]
         assert client.get_run(night.run_id).data.tags[NIGHT_TAG] == night.night
+
+
+def test_cluster_map_draws_only_clusters_that_reached_the_edit_stage(two_nights):
+    # Given the real history of two nights, plus two small clusters that only waited
+    history = collect_history(two_nights)
+    first = history.clusters[0]
+    small = [replace(first, cluster_id=f"small-{i}", size=1, status="waiting") for i in (1, 2)]
+    history = replace(history, clusters=[*history.clusters, *small])
+    reached = {c.cluster_id for c in history.clusters if c.status != "waiting"}
+    waiting_only = {c.cluster_id for c in history.clusters} - reached
+    assert reached
+    assert {"small-1", "small-2"} <= waiting_only
+
+    # When the page is rendered
+    page = render_dashboard(history, two_nights)
+
+    # Then the map counts the waiting-only clusters, and the table still lists every cluster
+    assert f"{len(waiting_only)} clusters that only waited" in page
+    assert all(f'id="cluster-{cluster_id}"' in page for cluster_id in waiting_only | reached)
 
 
 def test_attention_lists_crossed_gate_and_repeated_rejections(two_nights):
