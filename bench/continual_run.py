@@ -11,8 +11,11 @@ Writes `nights.csv` (one row per night) and `curve.png` under `--out`, and print
 table and the final figures against the aims (issue 5: LR vs base >= 0.9, accuracy drop <= 1
 point, retention >= 0.95). The build under `--artifacts` is only read.
 
-    OMP_NUM_THREADS=1 python bench/continual_run.py --nights 30 --artifacts /tmp/art2 \
+    python bench/continual_run.py --nights 30 --artifacts /tmp/art2 \
         --out /tmp/cb-continual --set simulate.images_per_day=1500
+
+Everything runs on one torch thread (serving, and `nightly.num_threads=1` unless `--set` says
+otherwise), so a second job can share this 2-core machine without oversubscribing it.
 """
 
 from __future__ import annotations
@@ -188,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=False)
-    settings = sandbox_settings(args.out.resolve(), args.artifacts.resolve(), args.params, args.set)
+    overrides = ["nightly.num_threads=1", *args.set]
+    out, artifacts = args.out.resolve(), args.artifacts.resolve()
+    settings = sandbox_settings(out, artifacts, args.params, overrides)
     prepare_data(settings)
     rows, champion = [], Champion()
     with (args.out / "nights.csv").open("w", newline="") as handle:

@@ -8,10 +8,11 @@ base model (its replay batch, its predictions on the gate sets) are set up befor
 a production night finds them there, left by the nights before. Then `run_nightly` runs once,
 through real Prefect, MLflow and DVC; its wall time and CPU seconds (this process and its
 finished children, e.g. `dvc`) are printed, with the night's counts. `--profile FILE` writes a
-cProfile of the night. Torch runs with its default thread count, as the nightly flow does (one
-per core); `--threads 1` measures a machine whose other core is busy without oversubscribing it.
+cProfile of the night. The night runs on `nightly.num_threads` torch threads (params.yaml: 2,
+one a core here); `--set nightly.num_threads=1` measures a machine whose other core is busy
+without oversubscribing it.
 
-    python bench/night_throughput.py --artifacts artifacts [--flags 1000] [--threads 1]
+    python bench/night_throughput.py --artifacts artifacts [--flags 1000] [--set KEY=VALUE]
 """
 
 from __future__ import annotations
@@ -26,10 +27,9 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import torch
 from prefect import flow
 
-from core.model import load_saved_model
+from core.model import load_saved_model, torch_threads
 from core.simulate import FLAG_FILE
 from flows.bootstrap import base_dir, prepare_data
 from flows.demo import sandbox_settings, serve_days
@@ -66,8 +66,9 @@ def prepare(root: Path, artifacts: Path, params: Path, n_flags: int, extra: list
     registry = Registry.connect(settings.paths.mlruns, settings.registry)
     registry.ensure_base(base_dir(settings), VersionTags.base())
     base_model, card = load_saved_model(base_dir(settings))
-    replay_batch(settings, base_model, card)
-    clean_predictions(settings, base_model, card)
+    with torch_threads(settings.nightly.num_threads):  # the threads the night computes them on
+        replay_batch(settings, base_model, card)
+        clean_predictions(settings, base_model, card)
     (day,) = serve_days(settings, 0)
     flags = pq.read_table(day)
     if flags.num_rows < n_flags:
@@ -83,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--set", action="append", default=[], help="section.key=value")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the night here")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one a core)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="cb-throughput-") as folder:
         settings = prepare(

@@ -5,7 +5,8 @@ init, a local weights file or the hub), `load_model` (any timm model by name, th
 path), and `load_saved_model` (a folder written by `save_model`, checked against its card's
 weights hash). Every failure a user can cause (a typo in the name, a missing or mismatched
 weights file) raises `ModelError` naming the fix before anything deep in timm or torch fails.
-It also owns the model's input contract (`preprocess`) and batched inference.
+It also owns the model's input contract (`preprocess`), batched inference, and the thread count
+a model's numbers depend on (`torch_threads`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import difflib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -346,6 +348,22 @@ def weights_hash(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run with `count` torch threads, then restore the caller's count.
+
+    The thread count changes how float sums are split, so the same training or edit on another
+    count gives other weights (and a different weights hash); pinning it from the settings keeps
+    a run and its rerun bit-identical on one machine, whatever the shell's OMP_NUM_THREADS.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def save_model(model: nn.Module, card: ModelCard, folder: Path) -> ModelCard:

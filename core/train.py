@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.errors import ConfigError, DataError
-from core.model import Preprocessing, predict_logits, preprocess
+from core.model import Preprocessing, predict_logits, preprocess, torch_threads
 from core.settings import TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -144,14 +144,11 @@ def train_model(
     if val is not None:
         _check_data(model, *val, "validation")
         val_input = (preprocess(val[0], preprocessing), val[1])
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.num_threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch_threads(settings.num_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(settings.seed)  # dropout / drop-path, if the model has any
             return _run_epochs(model, images, labels, preprocessing, settings, val_input)
     finally:
-        torch.set_num_threads(previous_threads)
         model.eval()
 
 

@@ -57,7 +57,14 @@ from core.errors import LedgerIntegrityError, RegistryError, RetouchError
 from core.gate import GateResult, global_gate
 from core.hypernet import HypernetLocator, load_hypernet
 from core.ledger import EditRecord, Ledger
-from core.model import ModelCard, load_saved_model, preprocess, save_model, weights_hash
+from core.model import (
+    ModelCard,
+    load_saved_model,
+    preprocess,
+    save_model,
+    torch_threads,
+    weights_hash,
+)
 from core.replay import ReplayBatch, build_replay_batch
 from core.scope import build_scope
 from core.settings import Settings, load_settings
@@ -904,11 +911,14 @@ def nightly_edit(
     settings = settings or load_settings(params_path, overrides or [])
     night_iso = (night or datetime.now(UTC).date()).isoformat()
     nightly = settings.nightly
-    with edit_lock(
-        lock_path(settings.paths.state),
-        f"nightly {night_iso}",
-        nightly.lock_timeout_s,
-        nightly.lock_poll_s,
+    with (
+        edit_lock(
+            lock_path(settings.paths.state),
+            f"nightly {night_iso}",
+            nightly.lock_timeout_s,
+            nightly.lock_poll_s,
+        ),
+        torch_threads(nightly.num_threads),
     ):
         record = night_folder(settings, night_iso) / "record.json"
         if record.is_file():

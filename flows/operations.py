@@ -20,7 +20,7 @@ import pandas as pd
 
 from core.errors import DataError, RegistryError
 from core.gate import GateResult
-from core.model import load_saved_model, save_model, weights_hash
+from core.model import load_saved_model, save_model, torch_threads, weights_hash
 from core.settings import Settings
 from flows.bootstrap import base_dir
 from flows.lock import edit_lock, lock_path
@@ -216,7 +216,10 @@ def rerun(settings: Settings, run_id: str) -> RerunResult:
         table, flags = _night_data(night_settings.paths.data, night, version)
         parent = _version(registry, int(params["parent_version"]))
         parent_dir = registry.load_version_folder(parent.version, Path(scratch))
-        model, _, _ = run_edit_stage(night_settings, parent_dir, table, flags, parent.ledger_ids)
+        with torch_threads(night_settings.nightly.num_threads):
+            model, _, _ = run_edit_stage(
+                night_settings, parent_dir, table, flags, parent.ledger_ids
+            )
     result = RerunResult(run_id, night, tags["candidate_hash"], weights_hash(model))
     logger.info("rerun of night %s: reproduced %s", night, result.reproduced)
     return result

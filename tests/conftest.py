@@ -41,6 +41,7 @@ MICRO_OVERRIDES = [
     "metatrain.iterations=4",
     "metatrain.batch_size=4",
     "metatrain.checkpoint_every=2",
+    "nightly.num_threads=1",  # what `one_torch_thread` gives every other test
 ]
 
 

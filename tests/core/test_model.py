@@ -29,6 +29,7 @@ from core.model import (
     preprocessing_for,
     read_state_dict,
     save_model,
+    torch_threads,
     weights_hash,
 )
 from core.settings import ModelSettings
@@ -257,3 +258,19 @@ def test_settings_weights_file_is_loaded_by_build_model(micro_settings, tmp_path
     settings = micro_settings.model.model_copy(update={"weights": path})
     # When building from the settings / Then the file's weights are used, not a fresh init
     assert weights_hash(build_model(settings, 4, seed=0)) == weights_hash(model)
+
+
+def test_torch_threads_pins_the_count_and_restores_it_even_on_error():
+    # Given a caller on one thread
+    assert torch.get_num_threads() == 1
+
+    # When a block runs pinned to two threads, and another fails
+    with torch_threads(2):
+        inside = torch.get_num_threads()
+    after = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"), torch_threads(2):
+        raise RuntimeError("inside")
+
+    # Then each ran on two threads and the caller's count is back
+    assert (inside, after) == (2, 1)
+    assert torch.get_num_threads() == 1
