@@ -234,12 +234,11 @@ def edit_cluster(
     right, locality on the probe's images against `before_predictions` (the model before this
     cluster's edit), and no `retained` sample undone that was right before it. A failed try is
     undone with `restore` (bit-exact) before the next one, so a rejected cluster leaves no trace
-    in `model`. With `replay` (clean images the gates do not
-    measure on, and an anchor model's probabilities on them) and a try whose `locality_weight` is
-    positive, the edit also holds those probabilities (extension (a)). Anchored to the base
-    model rather than to `model`, every edit pulls back the drift of the edits before it
-    instead of keeping it. `retained` (images, labels) of earlier edits go with every try, held
-    right by its `retention_weight`.
+    in `model`. With `replay` (clean images the gates do not measure on, and an anchor model's
+    probabilities on them) and a try whose `locality_weight` is positive, the edit also holds
+    those probabilities (extension (a)). Anchored to the base model rather than to `model`,
+    every edit pulls back the drift of the edits before it instead of keeping it. `retained`
+    (images, labels) of earlier edits go with every try, held right by its `retention_weight`.
 
     Returns:
         The outcome and the (N,) locality-set predictions of `model` after the call.
