@@ -301,8 +301,9 @@ class NightlySettings(Section):
     # Training images scored to pick the locality term's replay batch (lowest margins first).
     replay_pool: int = Field(30_000, ge=1)
     # Retention: each earlier accepted edit lends this many of its samples to every later edit,
-    # which keeps them right with weight `edit.retention_weight` (0 = no retention term).
-    retention_replay_per_edit: int = Field(2, ge=0)
+    # which keeps them right with weight `edit.retention_weight` (0 = no retention term). 3 =
+    # every edit sample of a cluster (clusters.n_edit_samples), all of which the gate checks.
+    retention_replay_per_edit: int = Field(3, ge=0)
     # Torch threads of a night (and of its rerun): another count sums floats in another order,
     # so the candidate's weights hash, and even which try of a cluster passes, would change.
     num_threads: int = Field(2, ge=1)
