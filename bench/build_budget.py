@@ -87,6 +87,7 @@ def main() -> None:
     }
     seconds["total"] = {key: sum(s[key] for s in seconds.values()) for key in ("wall", "cpu")}
     card = json.loads((bootstrap.base_dir(settings) / "model_card.json").read_text())
+    training = json.loads((bootstrap.base_dir(settings) / bootstrap.TRAINING_FILE).read_text())
     summary = json.loads((bootstrap.benchmark_dir(settings) / "summary.json").read_text())
     result = {
         "seconds": seconds,
@@ -96,6 +97,7 @@ def main() -> None:
         "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
         "base_model": card["metrics"],
+        "base_training": {key: training[key] for key in ("seconds", "images_per_second")},
         "failure_groups": len(summary["failures_per_group"]),
         "groups_per_subset": summary["groups_per_subset"],
         "n_sensitive": summary["n_sensitive"],

@@ -19,7 +19,6 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
+RETIRED_CARD_KEY = "created_at"
 ARCHITECTURE_OVERRIDES = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")
 RESIZE_MODES = ("bilinear", "bicubic")  # modes torch can resize with antialiasing
 N_LISTED_KEYS = 5  # keys shown per kind of mismatch in an error message
@@ -70,7 +70,9 @@ class ModelCard:
 
     `create_kwargs` are the keyword arguments of `timm.create_model(name, pretrained=False, ...)`
     that rebuild the architecture; `weights_hash` is `weights_hash(model)` of the saved weights.
-    `data_hash` and `seed` are None for a model retouch did not train.
+    `data_hash` and `seed` are None for a model retouch did not train. The card holds nothing
+    that changes between two builds of the same weights (no clock, no timing), so a rebuilt
+    model has a byte-identical card and DVC sees nothing new downstream.
     """
 
     name: str
@@ -81,7 +83,6 @@ class ModelCard:
     data_hash: str | None = None
     seed: int | None = None
     weights_hash: str = ""
-    created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (tuples become lists)."""
@@ -91,6 +92,8 @@ class ModelCard:
     def from_dict(cls, data: Mapping[str, Any], source: str = "model card") -> ModelCard:
         """Inverse of `to_dict`; `source` names the file in errors."""
         expected = {f.name for f in dataclasses.fields(cls)}
+        # Cards written before the card became clock-free carry their build time; it is dropped.
+        data = {key: value for key, value in data.items() if key != RETIRED_CARD_KEY}
         missing = sorted(
             name
             for name in ("name", "create_kwargs", "class_names", "preprocessing")

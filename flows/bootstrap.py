@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 
 from core.benchmark import BenchmarkSummary, build_benchmark_data, model_probs
@@ -37,6 +38,9 @@ from flows.versioning import ensure_dvc_repo, version_data
 logger = logging.getLogger(__name__)
 
 HALF = (0.5, 0.5, 0.5)  # the embedded model's normalisation: [0, 1] -> [-1, 1]
+# How the base model's training went (time, speed, loss per epoch): a DVC metrics file beside
+# the model, apart from the card, so a rebuild of the same weights changes nothing downstream.
+TRAINING_FILE = "training.json"
 
 
 def world_dir(settings: Settings) -> Path:
@@ -45,7 +49,7 @@ def world_dir(settings: Settings) -> Path:
 
 
 def base_dir(settings: Settings) -> Path:
-    """Folder of the base model (model.safetensors, model_card.json)."""
+    """Folder of the base model (model.safetensors, model_card.json, training.json)."""
     return settings.paths.artifacts / "base"
 
 
@@ -88,8 +92,6 @@ def build_base(settings: Settings) -> ModelCard:
         "accuracy_minority": evaluate_accuracy(
             model, preprocess(minority.images, preprocessing), minority.labels
         ),
-        "train_seconds": report.seconds,
-        "train_images_per_second": report.images_per_second,
     }
     card = ModelCard(
         name=settings.model.name,
@@ -101,6 +103,12 @@ def build_base(settings: Settings) -> ModelCard:
         seed=settings.train.seed,
     )
     card = save_model(model, card, base_dir(settings))
+    training = {
+        **report.to_dict(),
+        "num_threads": settings.train.num_threads,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (base_dir(settings) / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     logger.info("base model: %s", json.dumps(metrics))
     return card
 

@@ -26,7 +26,7 @@ from monitoring.attention import Alert, attention
 from monitoring.history import collect_history
 from monitoring.metrics import log_dashboard, mask_iou
 from monitoring.night_report import GATE_FIGURES, STYLE, Raw, html_table
-from monitoring.records import History
+from monitoring.records import ClusterNight, History
 
 logger = logging.getLogger(__name__)
 
@@ -178,9 +178,11 @@ def _trends(history: History, settings: Settings) -> str:
 
 def _cluster_rows(history: History) -> list[list[object]]:
     """One row per cluster: label, nights seen, rejections, latest status, thumbnails."""
+    nights_of: dict[str, list[ClusterNight]] = {}
+    for record in history.clusters:
+        nights_of.setdefault(record.cluster_id, []).append(record)
     rows = []
-    for cluster_id in sorted({c.cluster_id for c in history.clusters}):
-        seen = [c for c in history.clusters if c.cluster_id == cluster_id]
+    for cluster_id, seen in sorted(nights_of.items()):
         thumbs = "".join(
             _png(image, f"flag of {cluster_id}", "thumb")
             for image in history.thumbnails.get(cluster_id, [])

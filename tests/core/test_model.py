@@ -187,6 +187,26 @@ def test_changed_weights_file_is_caught_by_the_card_hash(micro_settings, tmp_pat
         load_saved_model(tmp_path / "base")
 
 
+def test_saving_the_same_weights_twice_writes_byte_identical_files(micro_settings, tmp_path):
+    # Given one model saved twice with the same card
+    model = micro_model(micro_settings)
+    for folder in ("first", "second"):
+        save_model(model, micro_card(model, micro_settings), tmp_path / folder)
+    # Then both files are byte-identical (no clock in the card), so DVC sees no change downstream
+    for name in ("model.safetensors", "model_card.json"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes()
+
+
+def test_a_card_written_with_a_build_time_still_reads(micro_settings, tmp_path):
+    # Given a card written before the card dropped its build time
+    model = micro_model(micro_settings)
+    written = save_model(model, micro_card(model, micro_settings), tmp_path / "base")
+    path = tmp_path / "base" / "model_card.json"
+    path.write_text(json.dumps({**written.to_dict(), "created_at": "2026-11-01T00:00:00+00:00"}))
+    # When loading / Then it reads as the card without it
+    assert load_saved_model(tmp_path / "base")[1] == written
+
+
 def test_card_with_unknown_keys_is_refused(micro_settings, tmp_path):
     model = micro_model(micro_settings)
     save_model(model, micro_card(model, micro_settings), tmp_path / "base")

@@ -67,6 +67,28 @@ def test_dvc_repro_builds_the_micro_default_then_does_nothing(micro_repo: Path):
 
 
 @pytest.mark.slow
+def test_retraining_the_same_base_model_reruns_nothing_downstream(micro_repo: Path):
+    # Given a built pipeline, when the base stage is forced to train again
+    lock_before = yaml.safe_load((micro_repo / "dvc.lock").read_text())["stages"]
+    forced = run(
+        [sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "base"], micro_repo
+    )
+    assert "Running stage 'base'" in forced
+    # then the same weights give byte-identical model files (the timing lives in training.json)
+    lock_after = yaml.safe_load((micro_repo / "dvc.lock").read_text())["stages"]
+    model_files = {"artifacts/base/model.safetensors", "artifacts/base/model_card.json"}
+    outs_before, outs_after = (
+        [out for out in lock["base"]["outs"] if out["path"] in model_files]
+        for lock in (lock_before, lock_after)
+    )
+    assert len(outs_after) == 2
+    assert outs_after == outs_before
+    # and nothing downstream reruns
+    output = run([sys.executable, "-m", "dvc", "repro"], micro_repo)
+    assert "Running stage" not in output
+
+
+@pytest.mark.slow
 def test_changing_a_stage_param_reruns_only_that_stage_and_later(micro_repo: Path):
     # Given a built pipeline, when a benchmark-only setting changes
     params = yaml.safe_load((micro_repo / "params.yaml").read_text())
