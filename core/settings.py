@@ -322,6 +322,9 @@ class MonitoringSettings(Section):
     drift_reference_size: int = Field(512, ge=16)  # training images: the feature reference
     drift_alpha: float = Field(0.01, gt=0, lt=1)  # significance drawn on the drift plot
     thumbnails_per_cluster: int = Field(8, ge=1)
+    # Waiting clusters of the latest night listed on the dashboard, largest first; the rest are
+    # counted (a 1,000-flag night holds hundreds, each with thumbnails).
+    waiting_clusters_listed: int = Field(20, ge=0)
 
 
 class Settings(Section):

@@ -176,62 +176,96 @@ def _trends(history: History, settings: Settings) -> str:
     return "".join(parts) or _note("No registered candidate holds an edit yet: nothing to trend.")
 
 
-def _cluster_rows(history: History) -> list[list[object]]:
-    """One row per cluster: label, nights seen, rejections, latest status, thumbnails."""
+def _nights_of_clusters(history: History) -> dict[str, list[ClusterNight]]:
+    """Cluster id -> its records, night by night."""
     nights_of: dict[str, list[ClusterNight]] = {}
     for record in history.clusters:
         nights_of.setdefault(record.cluster_id, []).append(record)
-    rows = []
-    for cluster_id, seen in sorted(nights_of.items()):
-        thumbs = "".join(
-            _png(image, f"flag of {cluster_id}", "thumb")
-            for image in history.thumbnails.get(cluster_id, [])
-        )
-        anchor = Raw(f'<span id="cluster-{escape(cluster_id)}">{escape(cluster_id)}</span>')
-        rows.append(
-            [
-                anchor,
-                seen[0].label,
-                seen[0].night,
-                len(seen),
-                sum(c.status == "rejected" for c in seen),
-                f"{seen[-1].status} ({seen[-1].night})",
-                Raw(thumbs or "-"),
-            ]
-        )
-    return rows
+    return nights_of
 
 
-def _cluster_map(history: History) -> str:
+def _cluster_row(seen: list[ClusterNight], history: History) -> list[object]:
+    """Label, first night, nights seen, rejections, latest status and size, thumbnails."""
+    cluster_id = seen[0].cluster_id
+    thumbs = "".join(
+        _png(image, f"flag of {cluster_id}", "thumb")
+        for image in history.thumbnails.get(cluster_id, [])
+    )
+    return [
+        Raw(f'<span id="cluster-{escape(cluster_id)}">{escape(cluster_id)}</span>'),
+        seen[0].label,
+        seen[0].night,
+        len(seen),
+        sum(c.status == "rejected" for c in seen),
+        f"{seen[-1].status} ({seen[-1].night})",
+        seen[-1].size,
+        Raw(thumbs or "-"),
+    ]
+
+
+def _cluster_map(history: History, reached: set[str], waiting_only: int) -> str:
     """The map of the clusters that ever reached the edit stage; a night can hold hundreds of
-    small clusters that only wait, which the table lists and the map only counts."""
+    small clusters that only wait, which the map only counts."""
     nights = sorted({c.night_index for c in history.clusters})
-    ready = {c.cluster_id for c in history.clusters if c.status != "waiting"}
-    waiting_only = len({c.cluster_id for c in history.clusters} - ready)
     counted = f"{waiting_only} clusters that only waited (too small to edit so far) are not drawn."
-    if not ready:
+    if not reached:
         return _note(f"No cluster has been ready yet. {counted}")
     cells = {
         (c.cluster_id, c.night_index): (c.size, c.status)
         for c in history.clusters
-        if c.cluster_id in ready
+        if c.cluster_id in reached
     }
-    figure = plots.plot_cluster_map(sorted(ready), nights, cells)
+    figure = plots.plot_cluster_map(sorted(reached), nights, cells)
     return _png(figure, "failure clusters per night") + f"<p>{escape(counted)}</p>"
 
 
-def _clusters(history: History) -> str:
+def _clusters(history: History, settings: Settings) -> str:
+    """Map and table of the clusters that reached the edit stage, then the latest night's
+    largest waiting clusters: the waiting ones run to hundreds a night, and their thumbnails
+    would grow the page by about a megabyte every few nights."""
     if not history.clusters:
         return _note("No failure cluster recorded yet.")
+    nights_of = _nights_of_clusters(history)
+    reached = {
+        cluster_id
+        for cluster_id, seen in nights_of.items()
+        if any(c.status != "waiting" for c in seen)
+    }
+    latest = max(c.night_index for c in history.clusters)
+    waiting_now = sorted(
+        (
+            seen
+            for cluster_id, seen in nights_of.items()
+            if cluster_id not in reached and seen[-1].night_index == latest
+        ),
+        key=lambda seen: (-seen[-1].size, seen[0].cluster_id),
+    )
+    listed = waiting_now[: settings.monitoring.waiting_clusters_listed]
+    unlisted = len(nights_of) - len(reached) - len(listed)
     new = {}
     for c in history.clusters:
         new[c.night] = new.get(c.night, 0) + c.new
     new_line = ", ".join(f"{night}: {count}" for night, count in new.items() if count)
-    header = ["cluster", "label", "first night", "nights", "rejections", "latest", "examples"]
+    header = [
+        "cluster",
+        "label",
+        "first night",
+        "nights",
+        "rejections",
+        "latest",
+        "size",
+        "examples",
+    ]
+    folder = settings.paths.data / "clusters"
     return (
-        _cluster_map(history)
+        _cluster_map(history, reached, len(nights_of) - len(reached))
         + f"<p>New clusters per night: {escape(new_line or 'none')}</p>"
-        + html_table(header, _cluster_rows(history))
+        + "<h3>Clusters that reached the edit stage</h3>"
+        + html_table(header, [_cluster_row(nights_of[c], history) for c in sorted(reached)])
+        + f"<h3>Largest clusters still waiting ({len(listed)} of {len(waiting_now)})</h3>"
+        + (html_table(header, [_cluster_row(seen, history) for seen in listed]) if listed else "")
+        + f"<p>{unlisted} more clusters only waited and are not listed; every night's clusters "
+        + f"are in {escape(str(folder))}/night=*.parquet.</p>"
     )
 
 
@@ -300,7 +334,7 @@ def render_dashboard(history: History, settings: Settings) -> str:
         "promotions": _promotions(history),
         "edits": _edits(history),
         "trends": _trends(history, settings),
-        "clusters": _clusters(history),
+        "clusters": _clusters(history, settings),
         "flags": _flags(history, settings),
         "hypernet": _hypernet(history),
         "missing": _missing(history),

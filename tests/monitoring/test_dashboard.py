@@ -86,23 +86,42 @@ def test_dashboard_is_logged_with_metrics_at_steps(two_nights):
         assert client.get_run(night.run_id).data.tags[NIGHT_TAG] == night.night
 
 
-def test_cluster_map_draws_only_clusters_that_reached_the_edit_stage(two_nights):
-    # Given the real history of two nights, plus two small clusters that only waited
+def test_clusters_section_lists_edited_and_the_largest_waiting_clusters(two_nights):
+    # Given the real history of two nights, plus three clusters that only waited on the latest
+    # night (sizes 1, 2, 3) and one that only waited on the first
     history = collect_history(two_nights)
-    first = history.clusters[0]
-    small = [replace(first, cluster_id=f"small-{i}", size=1, status="waiting") for i in (1, 2)]
-    history = replace(history, clusters=[*history.clusters, *small])
+    latest = max(history.clusters, key=lambda c: c.night_index)
+    first = min(history.clusters, key=lambda c: c.night_index)
+    assert first.night_index < latest.night_index
+    waiting = [
+        replace(latest, cluster_id=f"small-{size}", size=size, status="waiting", new=True)
+        for size in (1, 2, 3)
+    ]
+    old = replace(first, cluster_id="old-waiting", size=4, status="waiting", new=True)
+    history = replace(history, clusters=[*history.clusters, *waiting, old])
     reached = {c.cluster_id for c in history.clusters if c.status != "waiting"}
     waiting_only = {c.cluster_id for c in history.clusters} - reached
     assert reached
-    assert {"small-1", "small-2"} <= waiting_only
 
-    # When the page is rendered
-    page = render_dashboard(history, two_nights)
+    # When the page is rendered with room for two waiting clusters
+    monitoring = two_nights.monitoring.model_copy(update={"waiting_clusters_listed": 2})
+    page = render_dashboard(history, two_nights.model_copy(update={"monitoring": monitoring}))
 
-    # Then the map counts the waiting-only clusters, and the table still lists every cluster
+    # Then every cluster that reached the edit stage is listed (edit rows link there), and of
+    # the waiting ones only the latest night's two largest; the map and a line count the rest
+    assert all(f'id="cluster-{cluster_id}"' in page for cluster_id in reached)
+    assert 'id="cluster-small-3"' in page
+    assert 'id="cluster-small-2"' in page
+    assert 'id="cluster-small-1"' not in page
+    assert 'id="cluster-old-waiting"' not in page
+    latest_waiting = {
+        c.cluster_id
+        for c in history.clusters
+        if c.cluster_id in waiting_only and c.night_index == latest.night_index
+    }
+    assert f"Largest clusters still waiting (2 of {len(latest_waiting)})" in page
+    assert f"{len(waiting_only) - 2} more clusters only waited" in page
     assert f"{len(waiting_only)} clusters that only waited" in page
-    assert all(f'id="cluster-{cluster_id}"' in page for cluster_id in waiting_only | reached)
 
 
 def test_attention_lists_crossed_gate_and_repeated_rejections(two_nights):
