@@ -10,6 +10,7 @@ beside another model is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -24,7 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from core.errors import CheckpointMismatch, ConfigError, EditError, ModelError
-from core.model import pooled_features, predict_logits, weights_hash
+from core.model import pooled_features, predict_logits, tensors_hash, weights_hash
 from core.scope import EditScope, build_scope
 from core.settings import HypernetSettings
 
@@ -336,6 +337,15 @@ def save_hypernet(
     }
     save_file(state, str(path), metadata=header)
     return path
+
+
+def hypernet_version(path: str | Path) -> str:
+    """Short content hash of a saved hypernetwork: its header and tensors. Not the file's bytes,
+    because safetensors writes the header's keys in another order on every save."""
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.dumps(handle.metadata() or {}, sort_keys=True)
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    return hashlib.sha256(f"{header}|{tensors_hash(tensors)}".encode()).hexdigest()[:16]
 
 
 def load_hypernet(path: str | Path, base_model: nn.Module) -> MaskHypernet:

@@ -818,7 +818,8 @@ def _resume(folder: Path, state: _TrainingState, identity: dict[str, object]) ->
 
 
 def summarize(history: list[IterationStats], last: int = 50) -> dict[str, float]:
-    """Means of the diagnostics over the last `last` iterations (JSON-ready)."""
+    """Means of the diagnostics over the last `last` iterations (JSON-ready). No timing: the
+    summary is saved inside the hypernetwork file, whose content hash is its version."""
     window = history[-last:]
     keys = (
         "inner_kl_before",
@@ -830,11 +831,7 @@ def summarize(history: list[IterationStats], last: int = 50) -> dict[str, float]
         "constant_mask_bce",
     )
     summary = {key: sum(getattr(stats, key) for stats in window) / len(window) for key in keys}
-    return {
-        "iterations": float(len(history)),
-        "seconds_per_iteration": window[-1].seconds,
-        **summary,
-    }
+    return {"iterations": float(len(history)), **summary}
 
 
 def metatrain(
@@ -894,7 +891,9 @@ def metatrain(
         summary |= distill_bank(state.hypernet, state.bank, settings)
     _warn_if_inner_loop_stalls(summary, settings)
     logger.info(
-        "meta-training done: %s", ", ".join(f"{key} {value:.4g}" for key, value in summary.items())
+        "meta-training done (%.3g s the last iteration): %s",
+        state.history[-1].seconds,
+        ", ".join(f"{key} {value:.4g}" for key, value in summary.items()),
     )
     path = save_hypernet(
         folder / HYPERNET_NAME,

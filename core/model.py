@@ -341,12 +341,17 @@ def preprocessing_for(model: nn.Module) -> Preprocessing:
 
 
 def weights_hash(model: nn.Module) -> str:
-    """sha256 over the state dict: names sorted, then each tensor's name, dtype, shape, raw bytes.
+    """`tensors_hash` of the model's state dict: the identity of its weights."""
+    return tensors_hash(model.state_dict())
 
-    Equal weights give equal hashes on any machine; any changed value changes the hash.
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 over named tensors: names sorted, then each tensor's name, dtype, shape, raw bytes.
+
+    Equal tensors give equal hashes on any machine; any changed value changes the hash.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())

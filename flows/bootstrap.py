@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,12 @@ HALF = (0.5, 0.5, 0.5)  # the embedded model's normalisation: [0, 1] -> [-1, 1]
 # How the base model's training went (time, speed, loss per epoch): a DVC metrics file beside
 # the model, apart from the card, so a rebuild of the same weights changes nothing downstream.
 TRAINING_FILE = "training.json"
+METATRAIN_FILE = "metatrain.json"  # the same for meta-training, beside the hypernetwork
+
+
+def _now() -> str:
+    """UTC time to the second, for the build records."""
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def world_dir(settings: Settings) -> Path:
@@ -106,7 +113,7 @@ def build_base(settings: Settings) -> ModelCard:
     training = {
         **report.to_dict(),
         "num_threads": settings.train.num_threads,
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "finished_at": _now(),
     }
     (base_dir(settings) / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     logger.info("base model: %s", json.dumps(metrics))
@@ -131,7 +138,7 @@ def build_hypernet(settings: Settings) -> MetatrainReport:
     """Meta-train the mask hypernetwork on clean training images of the base model."""
     model, card = load_saved_model(base_dir(settings))
     train = load_images(world_dir(settings) / "train.parquet")
-    return metatrain(
+    report = metatrain(
         model,
         build_scope(model, settings.scope.blocks),
         preprocess(train.images, card.preprocessing),
@@ -139,6 +146,16 @@ def build_hypernet(settings: Settings) -> MetatrainReport:
         settings.hypernet,
         hypernet_dir(settings),
     )
+    seconds = [stats.seconds for stats in report.history]
+    timing = {
+        "iterations": len(seconds),
+        "resumed_from": report.resumed_from,
+        "seconds": sum(seconds),
+        "median_seconds_per_iteration": statistics.median(seconds) if seconds else 0.0,
+        "finished_at": _now(),
+    }
+    (hypernet_dir(settings) / METATRAIN_FILE).write_text(json.dumps(timing, indent=2) + "\n")
+    return report
 
 
 def load_summary(settings: Settings) -> dict:

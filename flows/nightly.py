@@ -55,7 +55,7 @@ from core.data import decode_image, iter_batches, load_images
 from core.edit import MaskedEditor
 from core.errors import LedgerIntegrityError, RegistryError, RetouchError
 from core.gate import GateResult, global_gate
-from core.hypernet import HypernetLocator, load_hypernet
+from core.hypernet import HypernetLocator, hypernet_version, load_hypernet
 from core.ledger import EditRecord, Ledger
 from core.model import (
     ModelCard,
@@ -169,7 +169,7 @@ def ledger_of(settings: Settings) -> Ledger:
 
 
 def file_version(path: Path) -> str:
-    """Short content hash of a file: the hypernetwork's version."""
+    """Short content hash of a file's bytes (a cache key's part)."""
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -438,7 +438,7 @@ def check_hypernet(settings: Settings) -> str:
     """Load the hypernetwork beside the base model (refused if it belongs to another); version."""
     base_model, _ = load_saved_model(base_dir(settings))
     load_hypernet(hypernet_path(settings), base_model)
-    return file_version(hypernet_path(settings))
+    return hypernet_version(hypernet_path(settings))
 
 
 @task(cache_policy=NONE)

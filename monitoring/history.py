@@ -28,12 +28,13 @@ import pandas as pd
 from safetensors import safe_open
 from torch import nn
 
+from core.hypernet import hypernet_version
 from core.ledger import EditRecord
 from core.model import CARD_FILE, ModelCard, load_saved_model
 from core.settings import Settings
 from flows.bootstrap import base_dir, hypernet_path
 from flows.ingest import REJECTED_FILE
-from flows.nightly import NIGHT_TAG, file_version, ledger_of, night_folder
+from flows.nightly import NIGHT_TAG, ledger_of, night_folder
 from flows.registry import CHAMPION, Registry, VersionInfo
 from monitoring.drift import DriftTest, flag_drift
 from monitoring.edits import ledger_edits
@@ -297,7 +298,7 @@ def _hypernet(settings: Settings) -> HypernetInfo:
     card_path = base_dir(settings) / CARD_FILE
     matches = ModelCard.read(card_path).weights_hash == base_hash if card_path.is_file() else None
     return HypernetInfo(
-        file_version(path), base_hash, matches, json.loads(header.get("meta", "{}"))
+        hypernet_version(path), base_hash, matches, json.loads(header.get("meta", "{}"))
     )
 
 

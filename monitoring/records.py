@@ -117,7 +117,7 @@ class FlagDay:
 class HypernetInfo:
     """The mask hypernetwork's header: which base model it belongs to."""
 
-    version: str  # short content hash (flows.nightly.file_version)
+    version: str  # short content hash of header and tensors (core.hypernet.hypernet_version)
     base_weights_hash: str
     matches_base: bool | None  # None when the base model card is unreadable
     meta: dict[str, Any]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from core.hypernet import (
     MaskHypernet,
     build_hypernet,
     clean_unit_importance,
+    hypernet_version,
     load_hypernet,
     save_hypernet,
     unit_gradient_stats,
@@ -139,6 +142,29 @@ def test_checkpoint_round_trip_and_refusal(tiny_vit, micro_settings, tmp_path):
     assert weights_hash(other)[:12] in str(refused.value)
     with pytest.raises(ModelError, match="not found"):
         load_hypernet(tmp_path / "missing.safetensors", tiny_vit)
+
+
+def test_version_follows_the_content_not_the_file_bytes(tiny_vit, micro_settings, tmp_path):
+    # Given one hypernetwork saved twice (safetensors orders the header anew on every save)
+    scope = build_scope(tiny_vit, micro_settings.scope.blocks)
+    hypernet = build_hypernet(tiny_vit, scope, micro_settings.hypernet, seed=0)
+    save = partial(
+        save_hypernet,
+        hypernet=hypernet,
+        base_weights_hash=weights_hash(tiny_vit),
+        scope=scope,
+        settings=micro_settings.hypernet,
+    )
+    paths = [save(tmp_path / f"{i}.safetensors", meta={"iterations": 3}) for i in range(4)]
+    # Then every copy has one version
+    assert len({hypernet_version(path) for path in paths}) == 1
+    # and another header or another weight gives another version
+    other_meta = save(tmp_path / "meta.safetensors", meta={"iterations": 4})
+    with torch.no_grad():
+        next(hypernet.parameters()).add_(1e-6)
+    other_weight = save(tmp_path / "weight.safetensors", meta={"iterations": 3})
+    versions = {hypernet_version(path) for path in (paths[0], other_meta, other_weight)}
+    assert len(versions) == 3
 
 
 def test_clean_importance_is_one_positive_value_per_unit(tiny_vit, micro_settings):

@@ -7,7 +7,7 @@ import torch
 
 import core.metatrain as metatrain_module
 from core.errors import CheckpointMismatch, ConfigError
-from core.hypernet import build_hypernet, load_hypernet
+from core.hypernet import build_hypernet, hypernet_version, load_hypernet
 from core.metatrain import (
     PSEUDO_FAILURES,
     KeepTargets,
@@ -278,6 +278,8 @@ def test_resume_equals_an_uninterrupted_run(
         load_hypernet(resumed.hypernet_path, sharp_vit)(torch.ones(1, 32)),
         whole.hypernet(torch.ones(1, 32)),
     )
+    # and the saved file has the same version (no timing in its header)
+    assert hypernet_version(resumed.hypernet_path) == hypernet_version(whole.hypernet_path)
 
 
 def test_finished_run_redistilled_from_its_bank_equals_a_fresh_run(
