@@ -45,9 +45,10 @@ TRAINING_FILE = "training.json"
 METATRAIN_FILE = "metatrain.json"  # the same for meta-training, beside the hypernetwork
 
 
-def _now() -> str:
-    """UTC time to the second, for the build records."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
+def _write_build_record(path: Path, record: dict[str, object]) -> None:
+    """Write how a build step went (time, speed), stamped with when it finished."""
+    finished = datetime.now(UTC).isoformat(timespec="seconds")
+    path.write_text(json.dumps({**record, "finished_at": finished}, indent=2) + "\n")
 
 
 def world_dir(settings: Settings) -> Path:
@@ -110,12 +111,10 @@ def build_base(settings: Settings) -> ModelCard:
         seed=settings.train.seed,
     )
     card = save_model(model, card, base_dir(settings))
-    training = {
-        **report.to_dict(),
-        "num_threads": settings.train.num_threads,
-        "finished_at": _now(),
-    }
-    (base_dir(settings) / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
+    _write_build_record(
+        base_dir(settings) / TRAINING_FILE,
+        {**report.to_dict(), "num_threads": settings.train.num_threads},
+    )
     logger.info("base model: %s", json.dumps(metrics))
     return card
 
@@ -147,14 +146,15 @@ def build_hypernet(settings: Settings) -> MetatrainReport:
         hypernet_dir(settings),
     )
     seconds = [stats.seconds for stats in report.history]
-    timing = {
-        "iterations": len(seconds),
-        "resumed_from": report.resumed_from,
-        "seconds": sum(seconds),
-        "median_seconds_per_iteration": statistics.median(seconds) if seconds else 0.0,
-        "finished_at": _now(),
-    }
-    (hypernet_dir(settings) / METATRAIN_FILE).write_text(json.dumps(timing, indent=2) + "\n")
+    _write_build_record(
+        hypernet_dir(settings) / METATRAIN_FILE,
+        {
+            "iterations": len(seconds),
+            "resumed_from": report.resumed_from,
+            "seconds": sum(seconds),
+            "median_seconds_per_iteration": statistics.median(seconds) if seconds else 0.0,
+        },
+    )
     return report
 
 

@@ -60,6 +60,11 @@ def test_dvc_repro_builds_the_micro_default_then_does_nothing(micro_repo: Path):
     assert summary["n_sensitive"] >= 1
     assert (micro_repo / "artifacts/base/model_card.json").is_file()
     assert (micro_repo / "artifacts/hypernet/hypernet.safetensors").is_file()
+    # and each training step left its record (DVC metrics) beside its model
+    training = json.loads((micro_repo / "artifacts/base/training.json").read_text())
+    metatraining = json.loads((micro_repo / "artifacts/hypernet/metatrain.json").read_text())
+    assert training["n_steps"] > 0
+    assert metatraining["iterations"] > 0
     # and a second repro finds nothing to do
     second = run([sys.executable, "-m", "dvc", "repro"], micro_repo)
     assert "didn't change, skipping" in second
