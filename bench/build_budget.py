@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from core.model import CARD_FILE
 from core.settings import Settings, load_settings
 from flows import bootstrap
 
@@ -86,7 +87,7 @@ def main() -> None:
         "benchmark": timed(bootstrap.build_benchmark, settings),
     }
     seconds["total"] = {key: sum(s[key] for s in seconds.values()) for key in ("wall", "cpu")}
-    card = json.loads((bootstrap.base_dir(settings) / "model_card.json").read_text())
+    card = json.loads((bootstrap.base_dir(settings) / CARD_FILE).read_text())
     training = json.loads((bootstrap.base_dir(settings) / bootstrap.TRAINING_FILE).read_text())
     summary = json.loads((bootstrap.benchmark_dir(settings) / "summary.json").read_text())
     result = {

@@ -20,7 +20,7 @@ from torch import nn
 from core.data import load_images
 from core.edit import EditBatch, MaskedEditor
 from core.hypernet import HypernetLocator, MaskHypernet, build_hypernet, load_hypernet
-from core.model import build_model, load_saved_model, predict_logits, preprocess
+from core.model import CARD_FILE, build_model, load_saved_model, predict_logits, preprocess
 from core.scope import EditScope, build_scope
 from core.settings import Settings, load_settings
 from flows.bootstrap import base_dir, benchmark_dir, hypernet_path
@@ -31,7 +31,7 @@ TARGET_SECONDS = 1.0
 def edit_samples(settings: Settings, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor, str]:
     """(model, images (n, 3, S, S), labels (n,), what they are) for the timed edits."""
     failures = benchmark_dir(settings) / "failures.parquet"
-    if (base_dir(settings) / "model_card.json").is_file() and failures.is_file():
+    if (base_dir(settings) / CARD_FILE).is_file() and failures.is_file():
         model, card = load_saved_model(base_dir(settings))
         table = load_images(failures)
         rows = torch.randperm(len(table), generator=torch.Generator().manual_seed(0))[:n]

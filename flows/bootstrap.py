@@ -22,6 +22,7 @@ from core.data import file_hash, load_images
 from core.errors import ModelError
 from core.metatrain import HYPERNET_NAME, MetatrainReport, metatrain
 from core.model import (
+    CARD_FILE,
     ModelCard,
     Preprocessing,
     build_model,
@@ -165,7 +166,7 @@ def load_summary(settings: Settings) -> dict:
         raise ModelError(
             f"{summary_path} missing: build the default first (`dvc repro` or `retouch build all`)"
         )
-    card = json.loads((base_dir(settings) / "model_card.json").read_text())
+    card = json.loads((base_dir(settings) / CARD_FILE).read_text())
     return {"base_model": card["metrics"], "benchmark": json.loads(summary_path.read_text())}
 
 

@@ -222,7 +222,7 @@ def _cluster_map(history: History, reached: set[str], waiting_only: int) -> str:
 def _clusters(history: History, settings: Settings) -> str:
     """Map and table of the clusters that reached the edit stage, then the latest night's
     largest waiting clusters: the waiting ones run to hundreds a night, and their thumbnails
-    would grow the page by about a megabyte every few nights."""
+    would grow the page with every flag (0.7 MB of the demo's 1.8 MB page after 3 nights)."""
     if not history.clusters:
         return _note("No failure cluster recorded yet.")
     nights_of = _nights_of_clusters(history)
